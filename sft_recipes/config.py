@@ -1,0 +1,144 @@
+"""A recipe = our `ScriptArguments` (data, masks, run options) + TRL's `ModelConfig` + TRL's `SFTConfig`, parsed by `TrlParser` from a
+flat YAML file with CLI overrides. Unknown keys are errors that suggest the closest valid key."""
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from .errors import RecipeError
+from .masking import TRAIN_ON, TRUNCATION
+
+
+@dataclass
+class ScriptArguments:
+    datasets: list[dict] = field(default_factory=list, metadata={
+        "help": "Training data: a list of {path, format, split, name, data_files, weight, columns, roles}."})
+    eval_datasets: list[dict] = field(default_factory=list, metadata={"help": "Separate evaluation data, same keys."})
+    eval_split: float = field(default=0.0, metadata={"help": "Fraction of the training rows held out for eval."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "A shipped template name, a .jinja path, inline Jinja, or `tokenizer` (the model's own)."})
+    train_on: str = field(default="all_assistant", metadata={"help": "Which assistant turns are trained.",
+                                                             "choices": list(TRAIN_ON)})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Train on every token, prompts included."})
+    truncation: str = field(default="keep_start", metadata={"help": "Policy for rows over max_length.",
+                                                            "choices": list(TRUNCATION)})
+    verify_masks: bool = field(default=True, metadata={"help": "Prove every row's mask; refuse rows that fail."})
+    strict: bool = field(default=False, metadata={"help": "Any dropped or refused row is an error."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Train again into an output_dir that already holds a finished model (else refused)."})
+
+
+@dataclass
+class Recipe:
+    data: ScriptArguments
+    model: ModelConfig
+    sft: SFTConfig
+    path: str | None = None
+
+
+class _Parser(TrlParser):
+    def error(self, message):  # argparse would print the whole usage and exit; we want one line
+        raise RecipeError(message)
+
+
+def _defaults(recipe_path: str | None) -> dict:
+    """Defaults that differ from SFTConfig's, chosen for the machine we are on (a recipe overrides them)."""
+    cuda = torch.cuda.is_available()
+    stem = Path(recipe_path).stem if recipe_path else "run"
+    return {"output_dir": f"runs/{stem}", "report_to": "none", "use_cpu": not cuda,
+            "bf16": cuda and torch.cuda.is_bf16_supported(), "activation_checkpointing": cuda,
+            "dataloader_pin_memory": cuda}
+
+
+def _valid_keys(parser) -> list[str]:
+    return [a.dest for a in parser._actions if a.dest != "help"]
+
+
+def _unknown(rest: list[str], parser, where: str):
+    keys = [s[2:] for s in rest if s.startswith("--")] or rest
+    if not keys:
+        return
+    key = keys[0].split("=")[0]
+    close = difflib.get_close_matches(key, _valid_keys(parser), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m sft_recipes.run --help`"
+    raise RecipeError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)  # safe: a recipe can never construct Python objects
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}{at}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    return config
+
+
+def parse_recipe(argv: list[str] | None = None) -> Recipe:
+    """`RECIPE.yaml [--key value ...]` (or just flags) -> Recipe."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    parser = _Parser((ScriptArguments, ModelConfig, SFTConfig))
+    parser.set_defaults(**_defaults(path))
+    if path:
+        _read_yaml(path)  # clear errors for missing/malformed files before TRL reads it
+        argv = ["--config", path, *argv]
+    try:
+        data, model, sft, from_yaml, from_cli = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True)
+    except ValueError as e:  # a dataclass __post_init__ rejecting a value
+        raise RecipeError(f"{path or 'arguments'}: {e}") from None
+    _unknown(from_yaml, parser, path or "recipe")
+    _unknown(from_cli, parser, "command line")
+    return Recipe(data=data, model=model, sft=sft, path=path)
+
+
+def load_recipe(path: str | None = None, **overrides) -> Recipe:
+    """Library entry: `load_recipe("recipes/tiny_alpaca.yaml", max_steps=10, datasets=[...])`."""
+    argv = [path] if path else []
+    for key, value in overrides.items():
+        if not isinstance(value, (list, dict)):
+            argv += [f"--{key}", str(value)]
+    recipe = parse_recipe(argv)
+    for key, value in overrides.items():  # structured values can't travel as flags
+        if isinstance(value, (list, dict)):
+            target = next((o for o in (recipe.data, recipe.model, recipe.sft) if hasattr(o, key)), None)
+            if target is None:
+                raise RecipeError(f"unknown key '{key}'")
+            setattr(target, key, value)
+    return recipe
+
+
+def changed_values(recipe: Recipe) -> dict:
+    """The recipe as flat YAML-ready keys, listing only what differs from the defaults."""
+    out = {}
+    for obj in (recipe.data, recipe.model, recipe.sft):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if f.init and value != default and not f.name.startswith("_"):
+                out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if hasattr(value, "value"):  # enums
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)

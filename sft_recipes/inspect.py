@@ -1,0 +1,70 @@
+"""See what will be trained, before training: `python -m sft_recipes.inspect RECIPE.yaml [-n 3]
+[--export FILE.jsonl] [--key value ...]`. Loads the tokenizer only, never the model weights."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from rich.console import Console
+from rich.text import Text
+
+from .config import parse_recipe
+from .errors import cli
+from .summary import data_table, refusal_examples
+from .trainer import load_tokenizer, masked_datasets
+
+
+def highlight(ids, labels, tokenizer) -> Text:
+    """Trained tokens in bold green, everything else dim: runs decoded together so text reads naturally."""
+    text, start = Text(), 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
+            piece = tokenizer.decode(ids[start:i])
+            text.append(piece, style="bold green" if labels[start] != -100 else "dim")
+            start = i
+    return text
+
+
+def lengths(ds) -> str:
+    n = np.asarray(ds["n_tokens"]) if len(ds) else np.zeros(1)
+    p50, p90, p99 = np.percentile(n, [50, 90, 99])
+    return f"tokens per row: p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {n.max()}"
+
+
+def export(path, splits: dict, tokenizer):
+    with open(path, "w", encoding="utf-8") as f:
+        for split, ds in splits.items():
+            for row in ds:
+                f.write(json.dumps({"split": split, "input_ids": row["input_ids"], "labels": row["labels"],
+                                    "messages": row["messages"], "text": row["text"]}, ensure_ascii=False) + "\n")
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=3, help="sample rows to show")
+    parser.add_argument("--export", help="write every kept row as JSON lines: input_ids, labels, messages")
+    args, rest = parser.parse_known_args(argv)
+    recipe = parse_recipe(rest)
+    tokenizer = load_tokenizer(recipe)
+    train, evals, stats = masked_datasets(recipe, tokenizer)
+    console = Console()
+    splits = {"train": train, "eval": evals} if evals is not None else {"train": train}
+    kept = {k: ds.filter(lambda d: [x is None for x in d], input_columns="drop", batched=True) for k, ds in splits.items()}
+    for i, row in enumerate(kept["train"].select(range(min(args.n, len(kept["train"]))))):
+        console.rule(f"train row {i}: {row['n_tokens']} tokens, {row['n_trained']} trained")
+        console.print(highlight(row["input_ids"], row["labels"], tokenizer))
+    console.rule()
+    console.print(data_table(stats))
+    for split, ds in kept.items():
+        console.print(f"{split}: {lengths(ds)}")
+    for line in refusal_examples(stats):
+        console.print(line, markup=False)
+    if args.export:
+        export(args.export, kept, tokenizer)
+        console.print(f"wrote {sum(len(d) for d in kept.values()):,} rows to {args.export}")
+
+
+if __name__ == "__main__":
+    main()

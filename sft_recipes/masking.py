@@ -1,0 +1,189 @@
+"""Conversations -> `input_ids` + `labels` (-100 outside trained tokens), verified row by row.
+
+One render and one batched tokenization (with character offsets) per conversation: a token is
+trained iff its characters lie wholly inside a trained span. The verifier then proves, per row,
+that the trained tokens decode to exactly each trained turn as the template rendered it (ending
+with the end-of-turn text), that no token straddles a turn boundary, and that no trained token
+lies inside a system, user or tool message. A row that fails is dropped with its reason, never
+trained on.
+"""
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from datasets import Dataset, Features, List, Value
+
+from . import templates
+
+TRAIN_ON = ("all_assistant", "last_assistant")
+TRUNCATION = ("keep_start", "turn_boundary", "drop_row")
+
+FEATURES = Features({
+    "input_ids": List(Value("int32")), "labels": List(Value("int32")),
+    "drop": Value("string"), "detail": Value("string"),
+    "n_tokens": Value("int32"), "n_trained": Value("int32"), "truncated": Value("bool"),
+})
+
+
+@dataclass
+class MaskOptions:
+    template: str                      # Jinja source
+    end_of_turn: str | None = None     # text every trained turn must end with (None: not checked)
+    train_on: str = "all_assistant"
+    train_on_inputs: bool = False
+    max_length: int | None = None
+    truncation: str = "keep_start"
+    verify: bool = True
+
+
+def tokenize(ds: Dataset, tokenizer, opts: MaskOptions, *, num_proc=None, desc="Tokenizing") -> Dataset:
+    """Map canonical rows (messages/tools/text) to token columns; refused rows carry `drop`."""
+    if not tokenizer.is_fast:
+        raise ValueError("sft_recipes needs a fast tokenizer (character offsets)")
+    return ds.map(_tokenize_batch, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
+                  fn_kwargs={"tokenizer": tokenizer, "opts": opts}, features=Features({**ds.features, **FEATURES}))
+
+
+def _tokenize_batch(batch, tokenizer, opts: MaskOptions):
+    specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    added = _added_tokens_re(tokenizer)
+    prepared = [_prepare(msgs, tools, text, opts, specials, added, tokenizer.eos_token or "")
+                for msgs, tools, text in zip(batch["messages"], batch["tools"], batch["text"])]
+    enc = tokenizer([p[0] for p in prepared], add_special_tokens=False, return_offsets_mapping=True)
+    rows = [_label_row(*p, ids, offsets, opts) for p, ids, offsets in
+            zip(prepared, enc["input_ids"], enc["offset_mapping"])]
+    if opts.verify and not opts.train_on_inputs:
+        _verify_decoding(rows, prepared, tokenizer)
+    rows = [_truncate(row, opts) if row["drop"] is None else row for row in rows]
+    return {k: [row[k] for row in rows] for k in FEATURES}
+
+
+def _prepare(messages, tools, text, opts, specials, added, eos):
+    """Render one row; return (text, trained, untrained, reason). `trained` holds (is_assistant_turn,
+    char span) pairs; `untrained` the (message index, char span) of contents that must stay at -100."""
+    if text is not None:  # plain text: the whole sequence is trained, EOS included
+        return text + eos, [(False, (0, len(text) + len(eos)))], [], None
+    for m in messages:
+        if added and added.search(m["content"] or ""):
+            return "", [], [], ("special_token_text_in_content", f"a {m['role']} message contains "
+                                f"'{added.search(m['content']).group()}'")
+    try:
+        rendered, spans = templates.render_with_spans(opts.template, messages, tools, **specials)
+    except templates.TurnError as e:
+        return "", [], [], e.args
+    except Exception as e:  # a template that raises on this row (jinja error, raise_exception)
+        return "", [], [], ("template_error", f"{type(e).__name__}: {e}")
+    if opts.train_on_inputs:
+        return rendered, [(False, (0, len(rendered)))], [], None
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    by_msg = dict(zip(assistant, spans))
+    chosen = [i for i in assistant if messages[i]["train"] is not False]
+    if opts.train_on == "last_assistant":
+        chosen = chosen[-1:]
+    located, err = _locate(rendered, messages, by_msg) if opts.verify else ({}, None)
+    if err:
+        return rendered, [], [], err
+    # Non-assistant turns are trained only when a message asks for it (train: true).
+    extra = [i for i, m in enumerate(messages) if m["role"] != "assistant" and m["train"] and i in located]
+    trained = sorted([(True, by_msg[i]) for i in chosen] + [(False, located[i]) for i in extra],
+                     key=lambda x: x[1])
+    untrained = [(i, span) for i, span in located.items() if i not in chosen and i not in extra]
+    return rendered, trained, untrained, None
+
+
+def _locate(rendered, messages, by_msg):
+    """Find each message's content in the rendered text, in order; assistant content inside its span."""
+    located, cursor = {}, 0
+    for i, m in enumerate(messages):
+        pieces = _pieces(m)
+        if not pieces:
+            continue
+        lo, hi = by_msg.get(i, (cursor, len(rendered)))
+        spans = []
+        for piece in pieces:
+            at = rendered.find(piece, max(lo, cursor), hi)
+            if at < 0:
+                where = "outside its trained span" if i in by_msg else "in the rendered text"
+                return {}, ("template_changed_content", f"message {i} ({m['role']}) content not found {where}")
+            spans.append((at, at + len(piece)))
+            cursor = at + len(piece)
+        located[i] = (spans[0][0], spans[-1][1])
+    return located, None
+
+
+def _pieces(m):
+    """The literal strings a template must print for a message (alpaca prints instruction and input apart)."""
+    content, inp = m["content"] or "", m.get("input")
+    if inp and content.endswith("\n\n" + inp):
+        return [p for p in (content[: -len(inp) - 2], inp) if p]
+    return [content] if content.strip() else []
+
+
+def _label_row(text, trained, untrained, reason, ids, offsets, opts):
+    row = {"input_ids": ids, "labels": [-100] * len(ids), "drop": None, "detail": None,
+           "n_tokens": len(ids), "n_trained": 0, "truncated": False, "_bounds": []}
+    if reason:
+        return {**row, "drop": reason[0], "detail": reason[1]}
+    labels, bounds = row["labels"], row["_bounds"]
+    for is_turn, (s, e) in trained:
+        # Tokens wholly inside [s, e) form one run [a, b); offsets are sorted by start.
+        a = bisect_left(offsets, (s, -1))
+        b = bisect_left(offsets, (e, -1), lo=a)
+        while b > a and offsets[b - 1][1] > e:
+            b -= 1
+        straddle = (a > 0 and offsets[a - 1][1] > s) or (b < len(offsets) and offsets[b][0] < e)
+        if opts.verify and straddle:
+            tok = offsets[a - 1] if a > 0 and offsets[a - 1][1] > s else offsets[b]
+            return {**row, "drop": "token_crosses_turn_boundary",
+                    "detail": f"token {text[tok[0]:tok[1]]!r} straddles a turn boundary"}
+        if opts.verify and not opts.train_on_inputs and (
+                a == b or offsets[a][0] != s or offsets[b - 1][1] != e):
+            return {**row, "drop": "trained_span_not_token_aligned",
+                    "detail": f"tokens do not cover {text[s:e][:40]!r} exactly"}
+        if opts.verify and is_turn and opts.end_of_turn and not text[s:e].endswith(opts.end_of_turn):
+            return {**row, "drop": "end_of_turn_not_trained",
+                    "detail": f"trained turn does not end with {opts.end_of_turn!r}"}
+        labels[a:b] = ids[a:b]
+        bounds.append((a, b, s, e))
+    for i, (s, e) in untrained:
+        if any(s < be and bs < e for _, _, bs, be in bounds):
+            return {**row, "drop": "trained_token_in_untrained_turn", "detail": f"message {i} overlaps a trained span"}
+    return row
+
+
+def _verify_decoding(rows, prepared, tokenizer):
+    """Trained tokens must decode to exactly the trained text (one batched decode per batch)."""
+    spans = [(r, a, b, s, e) for r in rows if r["drop"] is None for a, b, s, e in r["_bounds"]]
+    decoded = tokenizer.backend_tokenizer.decode_batch([r["input_ids"][a:b] for r, a, b, _, _ in spans],
+                                                      skip_special_tokens=False)
+    texts = {id(r): p[0] for r, p in zip(rows, prepared)}
+    for (r, a, b, s, e), got in zip(spans, decoded):
+        want = texts[id(r)][s:e]
+        if r["drop"] is None and got != want:
+            r.update(drop="decode_mismatch", detail=f"trained tokens decode to {got[:40]!r}, not {want[:40]!r}",
+                     labels=[-100] * len(r["labels"]), n_trained=0)
+
+
+def _truncate(row, opts):
+    """Apply the truncation policy at max_length and count what is left to train."""
+    ids, labels, limit = row["input_ids"], row["labels"], opts.max_length
+    cut = len(ids)
+    if limit is not None and cut > limit:
+        if opts.truncation == "drop_row":
+            return {**row, "drop": "longer_than_max_length", "detail": f"{cut} tokens > max_length {limit}"}
+        fits = [b for _, b, _, _ in row["_bounds"] if b <= limit]
+        cut = max(fits, default=0) if opts.truncation == "turn_boundary" else limit
+    n_trained = sum(label != -100 for label in labels[:cut])
+    if n_trained == 0:
+        why = "no_trained_tokens_after_truncation" if cut < len(ids) else "no_trained_tokens"
+        return {**row, "drop": why, "detail": f"{len(ids)} tokens, max_length {limit}"}
+    return {**row, "input_ids": ids[:cut], "labels": labels[:cut], "n_tokens": cut,
+            "n_trained": n_trained, "truncated": cut < len(ids)}
+
+
+def _added_tokens_re(tokenizer):
+    """Added/special token strings: typed inside a message they would tokenize as control tokens."""
+    tokens = sorted((t for t in tokenizer.get_added_vocab() if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None

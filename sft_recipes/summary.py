@@ -1,0 +1,56 @@
+"""The one screen printed before training: model, parameters, data kept and dropped, masks, batch, steps."""
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+
+def data_table(stats: dict, title: str = "data") -> Table:
+    table = Table(title=title, show_header=True, header_style="bold")
+    for col in ("split", "rows", "dropped (reason: rows)", "truncated", "tokens", "trained"):
+        table.add_column(col)
+    for split, st in stats.items():
+        if not st:
+            continue
+        lost = {**st["dropped"], **st["refused"]}
+        table.add_row(split, f"{st['rows']:,}", ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+                      f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
+    return table
+
+
+def refusal_examples(stats: dict) -> list[str]:
+    return [f"  {split} {reason}: {ex}" for split, st in stats.items() if st
+            for reason, exs in st["examples"].items() for ex in exs[:2]]
+
+
+def print_summary(trainer, console: Console | None = None):
+    console = console or Console(stderr=True)
+    args, model = trainer.args, trainer.model
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    world = args.world_size
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    rows = len(trainer.train_dataset)  # after TRL's preparation: packed blocks when packing
+    per_epoch = math.ceil(math.ceil(rows / (args.per_device_train_batch_size * world)) / args.gradient_accumulation_steps)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * args.num_train_epochs)
+    head = Table.grid(padding=(0, 2))
+    head.add_row("model", f"{trainer.recipe.model.model_name_or_path} ({type(model).__name__})")
+    head.add_row("parameters", f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.1%})")
+    head.add_row("template", _template_name(trainer.recipe.data.chat_template))
+    head.add_row("batch", f"{effective} = {args.per_device_train_batch_size} per device x "
+                          f"{args.gradient_accumulation_steps} accumulation x {world} processes")
+    head.add_row("steps", f"{steps:,} ({rows:,} {'packed blocks' if args.packing else 'rows'}, "
+                          f"{per_epoch:,} steps/epoch)")
+    head.add_row("output", args.output_dir)
+    console.print(head)
+    console.print(data_table(trainer.sft_stats))
+    for line in refusal_examples(trainer.sft_stats):
+        console.print(line, markup=False)
+
+
+def _template_name(spec):
+    if spec is None or spec == "tokenizer":
+        return "the tokenizer's own"
+    return "inline Jinja" if "{" in spec else spec

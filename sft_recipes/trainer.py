@@ -1,0 +1,214 @@
+"""Wire a recipe into TRL: tokenizer + template, masked datasets, model (+ PEFT), `SFTTrainer`, train, save.
+
+Library use:
+    from sft_recipes import load_recipe, train
+    train(load_recipe("recipes/tiny_alpaca.yaml", max_steps=20))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+from . import masking, sources, templates, tiny
+from .config import Recipe, changed_values
+from .errors import RecipeError
+from .summary import print_summary
+
+logger = logging.getLogger("sft_recipes")
+PAD_TOKEN = "<|pad|>"
+
+
+# ---------------------------------------------------------------- tokenizer and template
+def model_path(recipe: Recipe) -> str:
+    name = recipe.model.model_name_or_path
+    if not name:
+        raise RecipeError("the recipe has no `model_name_or_path`")
+    if name == tiny.TINY_MODEL_ID:
+        with PartialState().main_process_first():  # one process builds, the others wait and load
+            return str(tiny.tiny_model_path())
+    return name
+
+
+def _from_pretrained(loader, name, **kwargs):
+    """Hub ids are what users type; when one can't be reached, say so in one line."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        local = Path(name).exists()
+        hint = ("" if local else " If you are offline, the model must already be in the Hugging Face cache or a "
+                "local folder; `recipes/tiny_alpaca.yaml` runs fully offline.")
+        raise RecipeError(f"could not load '{name}': {first}{hint}") from None
+
+
+def load_tokenizer(recipe: Recipe):
+    """The tokenizer with the recipe's chat template set, its special tokens and a pad token added."""
+    m = recipe.model
+    tokenizer = _from_pretrained(AutoTokenizer, model_path(recipe), revision=m.model_revision,
+                                 trust_remote_code=recipe.sft.trust_remote_code)
+    source = templates.load_template(recipe.data.chat_template, tokenizer)
+    meta = templates.template_meta(source, tokenizer)
+    missing = [t for t in meta["special_tokens"] if t not in tokenizer.get_vocab()]
+    if missing:  # so each marker is one token: no BPE merge across a turn boundary, and a clean stop
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:  # distinct from EOS, so EOS is never mistaken for padding
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.chat_template = source
+    tokenizer.end_of_turn = meta["end_of_turn"]
+    return tokenizer
+
+
+def mask_options(recipe: Recipe, tokenizer) -> masking.MaskOptions:
+    d = recipe.data
+    return masking.MaskOptions(template=tokenizer.chat_template, end_of_turn=getattr(tokenizer, "end_of_turn", None),
+                               train_on=d.train_on, train_on_inputs=d.train_on_inputs,
+                               max_length=recipe.sft.max_length, truncation=d.truncation, verify=d.verify_masks)
+
+
+# ---------------------------------------------------------------- datasets
+def build_datasets(recipe: Recipe, tokenizer):
+    """Canonical conversations -> masked token rows ready for TRL. Returns (train, eval or None, stats)."""
+    train, evals, stats = masked_datasets(recipe, tokenizer)
+    return _trainable(train), _trainable(evals) if evals is not None else None, stats
+
+
+def masked_datasets(recipe: Recipe, tokenizer):
+    """Like `build_datasets`, keeping every column (messages, drop reason, counts) and refused rows."""
+    d, s = recipe.data, recipe.sft
+    if not d.datasets:
+        raise RecipeError(f"{recipe.path or 'recipe'}: no `datasets:` to train on")
+    with PartialState().main_process_first():  # rank 0 fills the datasets cache, the others read it
+        train, drops = sources.load_conversations(d.datasets, seed=s.seed, num_proc=s.dataset_num_proc,
+                                                  strict=d.strict)
+        evals, eval_drops = None, Counter()
+        if d.eval_datasets:
+            evals, eval_drops = sources.load_conversations(d.eval_datasets, seed=s.seed,
+                                                           num_proc=s.dataset_num_proc, strict=d.strict)
+        elif d.eval_split:
+            train, evals = sources.split_eval(train, d.eval_split, s.seed)
+        opts = mask_options(recipe, tokenizer)
+        train = masking.tokenize(train, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking train")
+        if evals is not None:
+            evals = masking.tokenize(evals, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking eval")
+    stats = {"train": _stats(train, drops), "eval": _stats(evals, eval_drops) if evals is not None else None}
+    if d.strict:
+        for split, st in stats.items():
+            if st and st["refused"]:
+                reason, n = next(iter(st["refused"].items()))
+                raise RecipeError(f"strict: {n} {split} rows refused ({reason}: {st['examples'][reason][0]}); "
+                                  "fix the data or template, or set `strict: false` to drop them")
+    return train, evals, stats
+
+
+def _stats(ds, drops: Counter) -> dict:
+    refused, examples = Counter(), {}
+    for reason, detail in zip(ds["drop"], ds["detail"]):
+        if reason:
+            refused[reason] += 1
+            if refused[reason] <= 3:
+                examples.setdefault(reason, []).append(detail)
+    kept = [i for i, r in enumerate(ds["drop"]) if r is None]
+    n_tokens = sum(ds["n_tokens"][i] for i in kept)
+    n_trained = sum(ds["n_trained"][i] for i in kept)
+    return {"rows": len(kept), "dropped": dict(drops), "refused": dict(refused.most_common()), "examples": examples,
+            "truncated": sum(ds["truncated"]), "tokens": n_tokens, "trained_tokens": n_trained,
+            "trained_fraction": n_trained / max(n_tokens, 1)}
+
+
+def _trainable(ds):
+    ds = ds.filter(lambda drop: [d is None for d in drop], input_columns="drop", batched=True, desc="Dropping refused")
+    return ds.select_columns(["input_ids", "labels"])
+
+
+# ---------------------------------------------------------------- model
+def load_model(recipe: Recipe, tokenizer):
+    m = recipe.model
+    quantization = get_quantization_config(m)
+    if quantization is not None:
+        import torch
+        if not torch.cuda.is_available():
+            raise RecipeError("load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU and bitsandbytes; "
+                              "remove them to train on CPU")
+    if recipe.sft.trust_remote_code:
+        warnings.warn("trust_remote_code is true: the model repository's own Python code will run", stacklevel=2)
+    kwargs = dict(revision=m.model_revision, trust_remote_code=recipe.sft.trust_remote_code, dtype=m.dtype or "auto",
+                  attn_implementation=m.attn_implementation, quantization_config=quantization,
+                  device_map={"": PartialState().local_process_index} if quantization is not None else None)
+    model = _from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
+        model.resize_token_embeddings(len(tokenizer))
+    stop = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(tokenizer.end_of_turn)]
+                                       if tokenizer.end_of_turn in tokenizer.get_vocab() else [])
+    model.generation_config.eos_token_id = sorted(set(i for i in stop if i is not None))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ---------------------------------------------------------------- trainer
+def build_trainer(recipe: Recipe) -> SFTTrainer:
+    """A ready `SFTTrainer` (our masked datasets, TRL's collator/packing, PEFT if asked)."""
+    set_seed(recipe.sft.seed)
+    tokenizer = load_tokenizer(recipe)
+    train_ds, eval_ds, stats = build_datasets(recipe, tokenizer)
+    if eval_ds is None and recipe.sft.eval_strategy != "no":
+        raise RecipeError(f"eval_strategy is '{recipe.sft.eval_strategy.value}' but there is no eval data: "
+                          "set `eval_split` or `eval_datasets`")
+    model = load_model(recipe, tokenizer)
+    trainer = SFTTrainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=get_peft_config(recipe.model))
+    trainer.sft_stats = stats
+    trainer.recipe = recipe
+    return trainer
+
+
+def train(recipe: Recipe) -> SFTTrainer:
+    """Build, summarise, train (resuming from the last checkpoint in output_dir), save everything."""
+    resume = _resume_point(recipe)  # before any work: a refusal should come at once
+    trainer = build_trainer(recipe)
+    state = PartialState()
+    if state.is_main_process:
+        print_summary(trainer)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        evaluation = trainer.evaluate()
+        evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50))
+        metrics.update(evaluation)
+    trainer.save_model()  # model (or adapter) + tokenizer with its chat template
+    if state.is_main_process:
+        _save_run(trainer, metrics)
+    return trainer
+
+
+def _resume_point(recipe: Recipe):
+    """An existing output_dir is resumed from its last checkpoint, or refused: never silently overwritten."""
+    out = Path(recipe.sft.output_dir)
+    if recipe.sft.resume_from_checkpoint or recipe.data.overwrite_output_dir or not out.is_dir():
+        return recipe.sft.resume_from_checkpoint
+    last = get_last_checkpoint(str(out))
+    if last:
+        logger.warning("resuming from %s", last)
+        return last
+    if (out / "config.json").exists() or (out / "adapter_config.json").exists():
+        raise RecipeError(f"output_dir {out} already holds a trained model; choose another output_dir "
+                          "or set `overwrite_output_dir: true`")
+    return None
+
+
+def _save_run(trainer, metrics: dict):
+    out = Path(trainer.args.output_dir)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(changed_values(trainer.recipe), sort_keys=False))
+    (out / "sft_run.json").write_text(json.dumps({"data": trainer.sft_stats, "metrics": metrics}, indent=2))
+    trainer.log_metrics("final", metrics)
