@@ -53,7 +53,7 @@ def _defaults(recipe_path: str | None) -> dict:
     stem = Path(recipe_path).stem if recipe_path else "run"
     return {"output_dir": f"runs/{stem}", "report_to": "none", "use_cpu": not cuda,
             "bf16": cuda and torch.cuda.is_bf16_supported(), "activation_checkpointing": cuda,
-            "dataloader_pin_memory": cuda}
+            "dataloader_pin_memory": cuda, "ddp_find_unused_parameters": False}
 
 
 def _valid_keys(parser) -> list[str]:
