@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-from . import masking, sources, templates, tiny
+from . import hub, masking, sources, templates, tiny
 from .config import Recipe, changed_values
 from .errors import RecipeError
 from .summary import print_summary
@@ -39,22 +39,10 @@ def model_path(recipe: Recipe) -> str:
     return name
 
 
-def _from_pretrained(loader, name, **kwargs):
-    """Hub ids are what users type; when one can't be reached, say so in one line."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        local = Path(name).exists()
-        hint = ("" if local else " If you are offline, the model must already be in the Hugging Face cache or a "
-                "local folder; `recipes/tiny_alpaca.yaml` runs fully offline.")
-        raise RecipeError(f"could not load '{name}': {first}{hint}") from None
-
-
 def load_tokenizer(recipe: Recipe):
     """The tokenizer with the recipe's chat template set, its special tokens and a pad token added."""
     m = recipe.model
-    tokenizer = _from_pretrained(AutoTokenizer, model_path(recipe), revision=m.model_revision,
+    tokenizer = hub.from_pretrained(AutoTokenizer, model_path(recipe), revision=m.model_revision,
                                  trust_remote_code=recipe.sft.trust_remote_code)
     source = templates.load_template(recipe.data.chat_template, tokenizer)
     meta = templates.template_meta(source, tokenizer)
@@ -145,7 +133,7 @@ def load_model(recipe: Recipe, tokenizer):
     kwargs = dict(revision=m.model_revision, trust_remote_code=recipe.sft.trust_remote_code, dtype=m.dtype or "auto",
                   attn_implementation=m.attn_implementation, quantization_config=quantization,
                   device_map={"": PartialState().local_process_index} if quantization is not None else None)
-    model = _from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
+    model = hub.from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
         model.resize_token_embeddings(len(tokenizer))
     stop = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(tokenizer.end_of_turn)]
@@ -209,6 +197,7 @@ def _resume_point(recipe: Recipe):
 
 def _save_run(trainer, metrics: dict):
     out = Path(trainer.args.output_dir)
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, for plots and reports
     (out / "recipe.yaml").write_text(yaml.safe_dump(changed_values(trainer.recipe), sort_keys=False))
     (out / "sft_run.json").write_text(json.dumps({"data": trainer.sft_stats, "metrics": metrics}, indent=2))
     trainer.log_metrics("final", metrics)

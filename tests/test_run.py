@@ -1,0 +1,125 @@
+"""The runner as a user meets it: the embedded default trains offline and saves a usable model; mistakes
+in recipes and unreachable hub ids give one line; two CPU processes train together."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "recipes/tiny_alpaca.yaml"
+
+
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "sft_recipes.run", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The README's main job, exactly as a user runs it (output redirected to a temp dir)."""
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    started = time.time()
+    proc = run(TINY, "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, time.time() - started, proc
+
+
+def test_main_job_saves_a_loadable_model(tiny_run):
+    out, seconds, _ = tiny_run
+    print(f"main job: {seconds:.0f} s")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and "### Response:" in tokenizer.chat_template
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.vocab_size >= len(tokenizer)
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_eval_loss_falls_clearly(tiny_run):
+    out, _, _ = tiny_run
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    print(f"eval loss: first {losses[0]:.3f}, last {losses[-1]:.3f}")
+    assert len(losses) >= 2 and losses[-1] < 0.6 * losses[0]
+
+
+def test_trained_default_emits_eos_and_stops(tiny_run):
+    out, _, _ = tiny_run
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    prompts = [[{"role": "user", "content": "Reverse the word.\n\nlemon", "input": "lemon"}],
+               [{"role": "user", "content": "What is 3 plus 4?"}]]
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            new = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert tokenizer.eos_token_id in new, tokenizer.decode(new)
+        assert len(new) < 40
+
+
+def test_summary_reports_rows_and_trained_fraction(tiny_run):
+    stderr = tiny_run[2].stderr
+    assert "trainable of" in stderr and "trained" in stderr and "steps" in stderr
+    run_info = json.loads((tiny_run[0] / "sft_run.json").read_text())
+    assert 0.03 < run_info["data"]["train"]["trained_fraction"] < 0.5
+
+
+def test_existing_output_dir_is_refused_not_overwritten(tiny_run):
+    proc = run(TINY, "--output_dir", str(tiny_run[0]), "--max_steps", "1")
+    assert proc.returncode == 2
+    assert "already holds a trained model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_typo_in_a_flag_names_it_and_suggests_the_key():
+    proc = run(TINY, "--max_steps", "5", "--lerning_rate", "1e-3")
+    assert proc.returncode == 2
+    assert "lerning_rate" in proc.stderr and "learning_rate" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_typo_in_a_recipe_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / TINY).read_text() + "\nnum_train_epoch: 2\n")
+    proc = run(str(recipe))
+    assert proc.returncode == 2 and "num_train_epoch" in proc.stderr and "num_train_epochs" in proc.stderr
+
+
+def test_hub_recipe_offline_fails_fast_with_one_clear_line():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: unreachable on any machine
+    started = time.time()
+    proc = run("recipes/gpt2_alpaca.yaml", env=env, timeout=60)
+    assert proc.returncode == 2
+    assert time.time() - started < 30
+    assert "openai-community/gpt2" in proc.stderr and "tiny_alpaca.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_cpu_processes_train_together(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "-m", "sft_recipes.run", TINY, "--max_steps", "3", "--eval_strategy", "no",
+         "--output_dir", str(tmp_path / "mp")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stderr
+    assert (tmp_path / "mp" / "model.safetensors").is_file()
+
+
+def test_library_api_trains_without_the_cli(tmp_path):
+    from sft_recipes import build_trainer, load_recipe, train
+
+    recipe = load_recipe(TINY, max_steps=2, eval_strategy="no", output_dir=str(tmp_path / "lib"))
+    assert recipe.sft.max_steps == 2 and recipe.data.chat_template == "alpaca"
+    trainer = build_trainer(recipe)
+    assert len(trainer.train_dataset) > 1000
+    train(load_recipe(TINY, max_steps=2, eval_strategy="no", output_dir=str(tmp_path / "lib2")))
+    assert (tmp_path / "lib2" / "config.json").is_file()
