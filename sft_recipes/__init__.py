@@ -1,7 +1,13 @@
 """sft_recipes: supervised fine-tuning with data handling and assistant-only masks you can trust."""
-from .config import Recipe, load_recipe
-from .errors import RecipeError
-from .trainer import build_datasets, build_trainer, load_tokenizer, train
+from importlib import import_module
 
-__all__ = ["Recipe", "RecipeError", "build_datasets", "build_trainer", "load_recipe", "load_tokenizer", "train"]
 __version__ = "0.1.0"
+_API = {"Recipe": "config", "load_recipe": "config", "RecipeError": "errors", "build_datasets": "trainer",
+        "build_trainer": "trainer", "load_tokenizer": "trainer", "train": "trainer"}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):  # lazy: `python -m sft_recipes.sources` need not import torch and TRL
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'sft_recipes' has no attribute {name!r}")

@@ -1,0 +1,399 @@
+"""Load data from local files or the Hub, convert it to conversations, mix by weight, split.
+
+A weight is either a fraction in (0, 1] (subsample that share of the rows; 1 keeps them all) or a
+whole number above 1 (that many rows; above the rows available, every row is repeated as often as
+fits and a random subset fills the rest). The happy path is `datasets`' own loaders and cache;
+we read a file ourselves only to explain a failure (bad JSON line, bytes that are not UTF-8), or
+when `datasets` had to store a mixed-type field as Json, which does not keep strings intact.
+
+Check a file before training: `python -m sft_recipes.sources PATH [--format F] [--strict]`.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import difflib
+import glob
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, Features, Json, Value, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetNotFoundError
+
+from . import hub
+from .errors import RecipeError, cli, data_error
+from .formats import FORMATS, convert, detect_format
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Suffixes that make a missing path "a file not found" rather than a Hub id (ids may contain dots).
+_PATH_SUFFIXES = set(_BUILDERS) | {".tsv", ".txt", ".arrow", ".gz", ".zip", ".zst", ".xz", ".bz2"}
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    format: str = "auto"
+    split: str = "train"
+    name: str | None = None
+    data_files: str | list[str] | None = None
+    weight: float | None = None
+    columns: dict | None = None
+    roles: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d, where) -> "DatasetSpec":
+        """A recipe entry: a dict of these fields, or just a path string."""
+        if isinstance(d, str):
+            d = {"path": d}
+        if not isinstance(d, dict):
+            raise data_error(where, f"expected a dataset entry (a path or a mapping), got {d!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                guess = f"Did you mean '{close[0]}'? " if close else ""
+                raise data_error(where, f"unknown key '{key}'",
+                                 hint=f"{guess}Valid keys: {', '.join(valid)}")
+        if "path" not in d:
+            raise data_error(where, "missing 'path'", hint="Give a file, folder, glob or Hub id")
+        spec = cls(**d)
+        spec._validate(where)
+        return spec
+
+    def _validate(self, where):
+        if not isinstance(self.path, str) or not self.path:
+            raise data_error(where, f"'path' must be a non-empty string, got {self.path!r}")
+        if self.format not in ("auto", *FORMATS):
+            close = difflib.get_close_matches(str(self.format), FORMATS, n=1)
+            raise data_error(where, f"unknown format '{self.format}'",
+                             hint=(f"Did you mean '{close[0]}'? " if close else "")
+                             + f"Use auto or one of: {', '.join(FORMATS)}")
+        w = self.weight
+        if w is not None:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
+                raise data_error(where, f"weight must be a number above 0, got {w!r}",
+                                 hint="A fraction in (0, 1] subsamples, a whole number > 1 is a "
+                                      "row count")
+            if w > 1 and not float(w).is_integer():
+                raise data_error(where, f"weight {w} is neither a fraction nor a row count",
+                                 hint="A fraction in (0, 1] subsamples, a whole number > 1 is a "
+                                      "row count")
+        for option in ("columns", "roles"):
+            mapping = getattr(self, option)
+            if mapping is not None and not (isinstance(mapping, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())):
+                raise data_error(where, f"'{option}' must map names to names, got {mapping!r}")
+
+
+# ---------------------------------------------------------------- public entry points
+
+def load_conversations(specs, *, seed: int = 42, num_proc: int | None = None,
+                       strict: bool = False) -> tuple[Dataset, collections.Counter]:
+    """Load, convert, drop unusable rows, weight, concatenate and shuffle; drops by reason."""
+    specs = [s if isinstance(s, DatasetSpec) else DatasetSpec.from_dict(s, f"datasets[{i}]")
+             for i, s in enumerate(specs)]
+    if not specs:
+        raise RecipeError("no datasets given")
+    parts, drops = [], collections.Counter()
+    for spec in specs:
+        ds, _, dropped = _prepare(spec, num_proc=num_proc, strict=strict)
+        drops.update(dropped)
+        parts.append(_weighted(ds, spec.weight, seed))
+    return concatenate_datasets(parts).shuffle(seed=seed), drops
+
+
+def split_eval(ds: Dataset, ratio: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out a `ratio` share of `ds` for evaluation."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise RecipeError(f"eval split must be a fraction between 0 and 1, got {ratio!r}")
+    try:
+        parts = ds.train_test_split(test_size=ratio, seed=seed)
+    except ValueError as e:  # too few rows for this ratio
+        raise RecipeError(f"cannot hold out {ratio} of {len(ds)} rows for eval: {e}") from None
+    return parts["train"], parts["test"]
+
+
+# ---------------------------------------------------------------- one spec
+
+def _prepare(spec: DatasetSpec, *, num_proc, strict):
+    """(canonical rows without drops, format, Counter of drop reasons) for one spec."""
+    spec._validate(spec.path)
+    files = _local_files(spec)
+    try:
+        raw = _load(spec, files)
+        fmt = spec.format
+        if fmt == "auto":
+            names = (list(dict.fromkeys(k for r in raw for k in r)) if isinstance(raw, list)
+                     else raw.column_names)
+            fmt = detect_format(names, spec.path, columns=spec.columns)
+        rows = convert(raw, fmt, source=spec.path, columns=spec.columns, roles=spec.roles,
+                       num_proc=num_proc)
+    except UnicodeDecodeError as e:  # Arrow keeps bad bytes; they surface when first read
+        for file in files or ():
+            _check_utf8(file)
+        raise data_error(spec.path, f"text is not valid UTF-8 ({e})") from None
+    rows, drops = _remove_drops(rows, spec.path, num_proc=num_proc, strict=strict)
+    return rows, fmt, drops
+
+
+def _remove_drops(rows: Dataset, where, *, num_proc, strict):
+    reasons = rows.data.column("drop").to_pylist()
+    drops = collections.Counter(r for r in reasons if r is not None)
+    if drops:
+        first = next(i for i, r in enumerate(reasons) if r is not None)
+        summary = ", ".join(f"{n} {r}" for r, n in drops.most_common())
+        if strict:
+            raise data_error(where, f"{drops.total()} of {len(rows)} records are unusable "
+                             f"({summary}; first: record {first})",
+                             hint="Fix them, or set `strict: false` to drop them instead")
+        if drops.total() == len(rows):
+            raise data_error(where, f"all {len(rows)} records are unusable ({summary})",
+                             hint="Nothing is left to train on")
+        rows = rows.filter(_keep, input_columns="drop", batched=True, num_proc=num_proc)
+    return rows.remove_columns("drop"), drops
+
+
+def _keep(drop):
+    return [d is None for d in drop]
+
+
+def _weighted(ds: Dataset, weight, seed: int) -> Dataset:
+    if weight is None or weight == 1:
+        return ds
+    n = len(ds)
+    count = max(1, round(weight * n)) if weight < 1 else int(weight)
+    rng = np.random.default_rng(seed)
+    if count <= n:
+        return ds.select(np.sort(rng.permutation(n)[:count]))
+    repeats, rest = divmod(count, n)
+    return ds.select(np.concatenate([np.tile(np.arange(n), repeats), rng.permutation(n)[:rest]]))
+
+
+# ---------------------------------------------------------------- loading
+
+def _local_files(spec: DatasetSpec) -> list[str] | None:
+    """The local files `spec` names, or None when it is a Hub id."""
+    path = spec.path
+    if path in ("json", "parquet", "csv") and spec.data_files:  # `load_dataset("json", ...)` style
+        files = _expand(spec.data_files, Path("."), path)
+    elif glob.has_magic(path):
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise data_error(path, "no files match this pattern")
+    elif Path(path).expanduser().is_dir():
+        folder = Path(path).expanduser()
+        files = (_expand(spec.data_files, folder, path) if spec.data_files else sorted(
+            str(p) for p in folder.rglob("*")
+            if p.suffix.lower() in _BUILDERS and not any(s.startswith(".") for s in p.parts)))
+        if not files:
+            raise data_error(path, "the folder has no data files",
+                             hint=f"Supported: {', '.join(_BUILDERS)}")
+    elif Path(path).expanduser().is_file():
+        files = [str(Path(path).expanduser())]
+    elif _looks_like_path(path):
+        raise data_error(path, "file not found",
+                         hint=f"Relative paths start from {Path.cwd()}")
+    else:
+        return None
+    kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in _BUILDERS)
+        raise data_error(bad, f"unsupported file type '{Path(bad).suffix}'",
+                         hint=f"Use one of {', '.join(_BUILDERS)}")
+    if len(kinds) > 1:
+        raise data_error(path, f"mixes file types ({', '.join(sorted(kinds))})",
+                         hint="List each kind as its own dataset")
+    for f in files:
+        if Path(f).stat().st_size == 0:
+            raise data_error(f, "the file is empty", hint="It has no records")
+    return files
+
+
+def _expand(data_files, base: Path, where) -> list[str]:
+    files = []
+    for pattern in [data_files] if isinstance(data_files, str) else data_files:
+        found = sorted(glob.glob(str(base / pattern), recursive=True))
+        if not found:
+            raise data_error(where, f"data_files: nothing matches '{pattern}'")
+        files += found
+    return files
+
+
+def _looks_like_path(path: str) -> bool:
+    return (path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+            or Path(path).suffix.lower() in _PATH_SUFFIXES)
+
+
+def _load(spec, files) -> Dataset | list[dict]:
+    raw = _load_local(files, spec) if files else _load_hub(spec)
+    if files and spec.split == "train" and _uses_json_type(raw.features):
+        # datasets stores mixed-type fields as Json, which turns strings that look like JSON
+        # ("42", '{"temp": 20}') into numbers and objects: read such files ourselves.
+        raw = [record for file in files for record in _read_json_records(file)]
+    if len(raw) == 0:
+        raise data_error(spec.path, "no records", hint="The file or split is empty")
+    return raw
+
+
+def _load_local(files, spec) -> Dataset:
+    builder = _BUILDERS[Path(files[0]).suffix.lower()]
+    options = _csv_options(files[0]) if builder == "csv" else {}
+    try:
+        return load_dataset(builder, data_files=files, split=spec.split, **options)
+    except Exception as e:  # whatever `datasets` says, the user's file is the likely cause
+        for file in files:  # explain it precisely when we can
+            if builder == "json":
+                _read_json_records(file)
+            else:
+                _check_utf8(file)
+        cause = e.__cause__ or e
+        raise data_error(spec.path, f"could not load: {cause}") from None
+
+
+def _csv_options(file) -> dict:
+    """CSV cells are text: keep "42" and "NA" as written (pandas would make 42.0 and null)."""
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return {"features": Features({name: Value("string") for name in header}),
+            "keep_default_na": False}
+
+
+def _load_hub(spec) -> Dataset:
+    hub.offline_if_unreachable()  # otherwise an unreachable Hub costs a minute of retries
+    try:
+        return load_dataset(spec.path, spec.name, split=spec.split, data_files=spec.data_files)
+    except DatasetNotFoundError:
+        raise data_error(spec.path, "not a local file or folder, and no such dataset on the "
+                         "Hugging Face Hub", hint="Check the path or the dataset id") from None
+    except (ConnectionError, TimeoutError) as e:
+        raise data_error(spec.path, f"not a local file or folder, and the Hugging Face Hub is "
+                         f"unreachable ({e})", hint="To use local data, give a file path "
+                         "instead, e.g. ./data/train.jsonl") from None
+    except (FileNotFoundError, ValueError) as e:  # unknown config, split or data_files
+        raise data_error(spec.path, f"could not load: {e}") from None
+
+
+def _uses_json_type(feature) -> bool:
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_uses_json_type(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List, LargeList
+    return inner is not None and _uses_json_type(inner)
+
+
+def _check_utf8(file) -> str:
+    data = Path(file).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise data_error(file, f"not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}",
+                         line=data.count(b"\n", 0, e.start) + 1,
+                         hint="Re-save the file as UTF-8") from None
+
+
+def _read_json_records(file) -> list[dict]:
+    """Parse a JSON array or JSON Lines file; any problem is a RecipeError at its exact line."""
+    text = _check_utf8(file).removeprefix("\ufeff")
+    if not text.strip():
+        raise data_error(file, "the file is empty", hint="It has no records")
+    if not text.lstrip().startswith("["):
+        return _read_json_lines(file, text)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise data_error(file, f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno,
+                         hint="Fix the syntax there") from None
+    if not records:
+        raise data_error(file, "no records (the JSON array is empty)",
+                         hint="Add records or remove the file")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise data_error(file, f"expected a JSON object, got {type(record).__name__}", record=i)
+    return records
+
+
+def _read_json_lines(file, text) -> list[dict]:
+    records = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: \u2028 is valid JSON
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == 1 and _is_single_object(text):
+                raise data_error(file, "one JSON object, not a list of records",
+                                 hint="Use a JSON array of records or JSON Lines "
+                                      "(one object per line)") from None
+            raise data_error(file, f"invalid JSON: {e.msg} (column {e.colno})",
+                             record=len(records), line=lineno,
+                             hint="Each line must be one complete JSON object") from None
+        if not isinstance(record, dict):
+            raise data_error(file, f"expected a JSON object, got {type(record).__name__}",
+                             record=len(records), line=lineno)
+        records.append(record)
+    return records
+
+
+def _is_single_object(text) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- the data checker
+
+@cli
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
+                                 description="Check a data file before training.")
+    ap.add_argument("path", help="file, folder, glob or Hub id")
+    ap.add_argument("--format", default="auto", help=f"auto or one of: {', '.join(FORMATS)}")
+    ap.add_argument("--num-proc", type=int, default=None)
+    ap.add_argument("--strict", action="store_true", help="unusable rows are an error")
+    args = ap.parse_args(argv)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
+
+    spec = DatasetSpec(path=args.path, format=args.format)
+    ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
+    print(f"format:  {fmt}" + (" (detected)" if args.format == "auto" else ""))
+    print(f"kept:    {len(ds)} rows")
+    print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" for r, n in drops.most_common()))
+    roles = _role_counts(ds)
+    if roles:
+        print("roles:   " + ", ".join(f"{r} {n}" for r, n in roles.most_common()))
+    print("first conversation:")
+    row = ds[0]
+    if row["text"] is not None:
+        print(_indent(row["text"]))
+    for m in row["messages"]:
+        flag = "" if m["train"] is None else f" train={str(m['train']).lower()}"
+        print(f"  [{m['role']}{flag}]\n{_indent(m['content'])}")
+    if row["tools"]:
+        print(f"  tools: {_clip(row['tools'])}")
+
+
+def _role_counts(ds) -> collections.Counter:
+    import pyarrow.compute as pc
+    messages = ds.select_columns(["messages"]).with_format("arrow")[:]["messages"]
+    roles = pc.struct_field(pc.list_flatten(messages), "role")
+    return collections.Counter({v["values"].as_py(): v["counts"].as_py()
+                                for v in pc.value_counts(roles)})
+
+
+def _indent(text, width=500):
+    return "\n".join("    " + line for line in _clip(text, width).split("\n"))
+
+
+def _clip(text, width=200):
+    return text if len(text) <= width else text[:width] + f"... ({len(text)} chars)"
+
+
+if __name__ == "__main__":
+    main()

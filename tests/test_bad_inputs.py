@@ -1,0 +1,110 @@
+"""The data checker on bad files: exit code 2, one line naming file, record/line and field, no traceback.
+
+Every case runs the checker's `main()` in this process; a few also run as the real command
+(`python -m sft_recipes.sources ...`) in subprocesses, since each of those pays the package import.
+"""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sft_recipes.sources import main
+
+HERE = Path(__file__).resolve().parent
+BAD = HERE / "bad_inputs"
+ROOT = HERE.parent
+
+CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must contain)
+    ("malformed.json", [], ["line 3", "invalid JSON", "Expecting ',' delimiter"]),
+    ("malformed_line3.jsonl", [], ["record 2 (line 3)", "invalid JSON"]),
+    ("missing_output.json", [], ["record 1", "field 'output'", "missing required field"]),
+    ("output_not_string.json", [], ["record 2", "field 'output'", "expected a string, got a number (42)"]),
+    ("unknown_role.json", [], ["record 1", "field 'conversations[1].from'", "unknown role 'bot'",
+                               "Known roles:", "roles:"]),
+    ("no_assistant.json", [], ["all 2 records are unusable", "no_assistant_turn"]),
+    ("empty_assistant_strict.json", ["--strict"], ["1 of 3 records are unusable", "empty_response",
+                                                   "record 1", "strict: false"]),
+    ("content_not_string.json", [], ["record 0", "field 'messages[1].content'", "got a number"]),
+    ("messages_not_list.json", [], ["record 1", "field 'messages'", "expected a list of messages"]),
+    ("ambiguous.json", [], ["several formats", "alpaca", "instruction", "format:"]),
+    ("no_known_columns.json", [], ["no known data format", "question, answer", "columns:"]),
+    ("single_object.json", [], ["no known data format", "[data]"]),
+    ("empty.json", [], ["no records"]),
+    ("empty.jsonl", [], ["the file is empty"]),
+    ("non_utf8.jsonl", [], ["line 2", "not valid UTF-8", "0xe9"]),
+    ("non_utf8.json", [], ["line 1", "not valid UTF-8", "0xe9"]),
+    ("bad_weight_part.json", [], ["record 0", "field 'messages[1].weight'", "loss weight 0.5",
+                                  "Fractional"]),
+    ("image_part.json", [], ["record 0", "field 'messages[0].content[1]'", "'image_url'"]),
+    ("history_not_pairs.json", [], ["record 0", "field 'history[0]'", "pair"]),
+    ("tools_invalid.json", [], ["record 0", "field 'tools'", "not valid JSON"]),
+    ("text_not_string.jsonl", [], ["record 1", "field 'text'", "expected a string, got a list"]),
+    ("notes.txt", [], ["unsupported file type '.txt'"]),
+    ("missing.json", [], ["file not found"]),  # does not exist, on purpose
+    ("missing_output.json", ["--format", "sharegpt"], ["missing required column 'conversations'",
+                                                       "instruction, output"]),
+    ("ambiguous.json", ["--format", "alpacca"], ["unknown format 'alpacca'", "Did you mean 'alpaca'"]),
+]
+COMMAND_CASES = [c for c in CASES if c[0] in ("malformed_line3.jsonl", "empty_assistant_strict.json")]
+
+
+def case_id(case):
+    file, args, _ = case
+    return " ".join([file, *args])
+
+
+def check(returncode, stderr, file, fragments):
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, stderr
+    missing = [f for f in [file, *fragments] if f not in error[0]]
+    assert not missing, f"{missing} not in: {error[0]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_checker_reports_bad_input(case, capsys):
+    file, args, fragments = case
+    with pytest.raises(SystemExit) as stop:
+        main([str(BAD / file), *args])
+    check(stop.value.code, capsys.readouterr().err, file, fragments)
+
+
+@pytest.fixture(scope="module")
+def command_results():
+    """Run COMMAND_CASES as real commands, two at a time."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(case):
+        file, args, _ = case
+        return subprocess.run([sys.executable, "-m", "sft_recipes.sources",
+                               f"tests/bad_inputs/{file}", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(map(case_id, COMMAND_CASES), pool.map(run, COMMAND_CASES)))
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=case_id)
+def test_command_reports_bad_input(case, command_results):
+    file, _, fragments = case
+    proc = command_results[case_id(case)]
+    check(proc.returncode, proc.stderr, file, fragments)
+
+
+def test_every_bad_file_has_a_case():
+    assert {p.name for p in BAD.iterdir()} == {c[0] for c in CASES} - {"missing.json"}
+
+
+def test_checker_report_on_good_data(tmp_path, capsys):
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n'
+                    '{"instruction": "Say bye.", "output": " "}\n')
+    main([str(path)])
+    out = capsys.readouterr().out
+    for line in ["format:  alpaca (detected)", "kept:    1 rows", "dropped: 1", "empty_response: 1",
+                 "roles:   user 1, assistant 1", "first conversation:", "[user]", "Say hi."]:
+        assert line in out, out

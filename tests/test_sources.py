@@ -1,0 +1,196 @@
+"""Loading from files, folders, globs and the Hub; mixing by weight; the datasets cache."""
+import collections
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import shared_file
+from sft_recipes.errors import RecipeError
+from sft_recipes.formats import ROLES
+from sft_recipes.sources import DatasetSpec, load_conversations, split_eval
+
+ALPACA = [{"instruction": f"Question {i}?", "input": "ctx" if i % 3 == 0 else "",
+           "output": f"Answer {i}."} for i in range(12)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def load(path, **spec):
+    return load_conversations([DatasetSpec(str(path), **spec)])
+
+
+def outputs(ds):
+    return [row["messages"][-1]["content"] for row in ds]
+
+
+# ---------------------------------------------------------------- the shared real data
+
+@pytest.mark.parametrize("name, rows, with_input, roles", [
+    ("instruction-data.json", 1100, 325, {"user", "assistant"}),
+    ("alpaca_en_demo.json", 999, 412, {"user", "assistant"}),
+    ("glaive_toolcall_en_demo.json", 300, 0, {"user", "assistant", "tool"}),
+])
+def test_shared_files_load_with_auto_format(name, rows, with_input, roles):
+    ds, drops = load(shared_file(name))
+    assert (len(ds), drops) == (rows, collections.Counter())  # measured: no row is unusable
+    seen = collections.Counter(m["role"] for conv in ds["messages"] for m in conv)
+    assert set(seen) == roles and set(seen) <= set(ROLES)
+    assert sum(m["input"] is not None for conv in ds["messages"] for m in conv) == with_input
+
+
+def test_glaive_keeps_tools_and_tool_turns():
+    ds, _ = load(shared_file("glaive_toolcall_en_demo.json"))
+    assert sum(r["tools"] is not None for r in ds) == 191  # the other 109 rows have "" or "[]"
+    assert all(json.loads(r["tools"]) for r in ds if r["tools"])
+
+
+# ---------------------------------------------------------------- local files
+
+def test_jsonl_parquet_csv_json_all_load_alike(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    (tmp_path / "d.json").write_text(json.dumps(ALPACA))
+    pd.DataFrame(ALPACA).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame(ALPACA).to_csv(tmp_path / "d.csv", index=False)
+    seen = {}
+    for suffix in ("jsonl", "json", "parquet", "csv"):
+        ds, _ = load(tmp_path / f"d.{suffix}", weight=None)
+        seen[suffix] = sorted(tuple(m["content"] for m in conv) for conv in ds["messages"])
+    assert len(seen["jsonl"]) == 12
+    assert ("Question 0?\n\nctx", "Answer 0.") in seen["jsonl"]
+    assert all(v == seen["jsonl"] for v in seen.values())  # CSV's empty cells mean no input too
+
+
+def test_csv_cells_stay_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,input,output\nWhat is 6*7?,,42\nSay NA.,,NA\n', encoding="utf-8")
+    ds, _ = load(path)
+    assert sorted(outputs(ds)) == ["42", "NA"]
+
+
+def test_folder_and_glob(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA[:5])
+    write_jsonl(tmp_path / "b.jsonl", ALPACA[5:])
+    (tmp_path / "README.md").write_text("not data")  # ignored in a folder
+    assert len(load(tmp_path)[0]) == 12
+    assert len(load(tmp_path / "a*.jsonl")[0]) == 5
+    assert len(load_conversations([{"path": str(tmp_path), "data_files": "b.jsonl"}])[0]) == 7
+
+
+def test_folder_mixing_file_types_is_an_error(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    pd.DataFrame(ALPACA).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(RecipeError, match="mixes file types"):
+        load(tmp_path)
+
+
+def test_mixed_types_keep_strings_that_look_like_json(tmp_path):
+    # `content` is a string in some messages and text parts in others, so `datasets` stores it
+    # as Json; strings such as "42" or '{"temp": 20}' must still arrive as those exact strings.
+    records = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "6*7?"}]},
+                             {"role": "assistant", "content": "42"}]},
+               {"messages": [{"role": "user", "content": "Weather?"},
+                             {"role": "tool", "content": '{"temp": 20}'},
+                             {"role": "assistant", "content": '"Warm"'}]}]
+    ds, _ = load(write_jsonl(tmp_path / "mixed.jsonl", records))
+    contents = sorted(m["content"] for conv in ds["messages"] for m in conv)
+    assert contents == sorted(["6*7?", "42", "Weather?", '{"temp": 20}', '"Warm"'])
+
+
+def test_missing_local_file(tmp_path):
+    with pytest.raises(RecipeError, match="file not found"):
+        load(tmp_path / "nope.jsonl")
+
+
+def test_offline_hub_id_says_so():
+    with pytest.raises(RecipeError) as e:
+        load("someone/some_dataset")
+    message = str(e.value)
+    assert "someone/some_dataset" in message and "Hub is unreachable" in message
+    assert "file path" in message
+
+
+# ---------------------------------------------------------------- drops, weights, mixing
+
+def test_drops_are_counted_and_removed_or_strict(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA + [{"instruction": "Q?", "output": "  "}])
+    ds, drops = load(path)
+    assert (len(ds), drops) == (12, collections.Counter({"empty_response": 1}))
+    with pytest.raises(RecipeError, match=r"1 of 13 records are unusable \(1 empty_response"):
+        load_conversations([DatasetSpec(str(path))], strict=True)
+
+
+@pytest.mark.parametrize("weight, rows", [(0.5, 6), (1, 12), (5, 5), (30, 30)])
+def test_weights_are_deterministic(tmp_path, weight, rows):
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    first, _ = load_conversations([DatasetSpec(str(path), weight=weight)], seed=7)
+    again, _ = load_conversations([DatasetSpec(str(path), weight=weight)], seed=7)
+    assert len(first) == rows and outputs(first) == outputs(again)
+    if weight == 30:  # 12 rows to 30: every row twice, six of them a third time
+        assert sorted(collections.Counter(outputs(first)).values()) == [2] * 6 + [3] * 6
+
+
+def test_different_seeds_pick_differently(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    picks = {tuple(sorted(outputs(load_conversations([DatasetSpec(str(path), weight=0.5)],
+                                                     seed=s)[0]))) for s in range(4)}
+    assert len(picks) > 1
+
+
+@pytest.mark.parametrize("weight", [0, -1, 2.5, True, "half"])
+def test_bad_weights(weight):
+    with pytest.raises(RecipeError, match="weight"):
+        DatasetSpec.from_dict({"path": "d.jsonl", "weight": weight}, "recipe.yaml: datasets[0]")
+
+
+def test_spec_unknown_key_suggests_the_closest():
+    with pytest.raises(RecipeError, match="unknown key 'fromat'. Did you mean 'format'"):
+        DatasetSpec.from_dict({"path": "d.jsonl", "fromat": "alpaca"}, "recipe.yaml")
+
+
+def test_mixing_formats_with_column_and_role_mapping(tmp_path):
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"q": f"q{i}", "a": f"a{i}"} for i in range(4)])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": [
+        {"speaker": "me", "text": "hi"}, {"speaker": "bot", "text": "hey"}]}] * 3)
+    specs = [{"path": str(qa), "format": "alpaca", "columns": {"instruction": "q", "output": "a"}},
+             {"path": str(chat), "columns": {"messages": "dialog", "role": "speaker",
+                                             "content": "text"},
+              "roles": {"me": "user", "bot": "assistant"}}]
+    ds, _ = load_conversations(specs, seed=1)
+    assert len(ds) == 7 and ds.column_names == ["messages", "tools", "text"]
+    assert load_conversations(specs, seed=1)[0]["messages"] == ds["messages"]  # same shuffle
+
+
+def test_num_proc_gives_the_same_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA * 4)
+    assert load(path, weight=None)[0]["messages"] == load_conversations(
+        [DatasetSpec(str(path))], num_proc=2)[0]["messages"]
+
+
+def test_split_eval(tmp_path):
+    ds, _ = load(write_jsonl(tmp_path / "d.jsonl", ALPACA))
+    train, evals = split_eval(ds, 0.25, seed=3)
+    assert (len(train), len(evals)) == (9, 3)
+    assert set(outputs(train)).isdisjoint(outputs(evals))
+    with pytest.raises(RecipeError, match="fraction"):
+        split_eval(ds, 1.5, seed=3)
+
+
+# ---------------------------------------------------------------- cache
+
+def test_second_load_reuses_the_cache(tmp_path):
+    records = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}. " * 20}
+               for i in range(5000)]
+    spec = DatasetSpec(str(write_jsonl(tmp_path / "big.jsonl", records)), weight=0.5)
+    t0 = time.perf_counter()
+    first, _ = load_conversations([spec])
+    t1 = time.perf_counter()
+    second, _ = load_conversations([spec])
+    t2 = time.perf_counter()
+    print(f"load_conversations: first {t1 - t0:.3f}s, second {t2 - t1:.3f}s, "
+          f"ratio {(t1 - t0) / (t2 - t1):.1f}x")
+    assert first.cache_files and second.cache_files == first.cache_files
