@@ -1,7 +1,7 @@
 """The data checker on bad files: exit code 2, one line naming file, record/line and field, no traceback.
 
-Every case runs the checker's `main()` in this process; a few also run as the real command
-(`python -m sft_recipes.sources ...`) in subprocesses, since each of those pays the package import.
+Every case runs the checker's `main()` in this process and as the real command
+(`python -m sft_recipes.sources ...`) in a subprocess.
 """
 import os
 import subprocess
@@ -48,7 +48,7 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
                                                        "instruction, output"]),
     ("ambiguous.json", ["--format", "alpacca"], ["unknown format 'alpacca'", "Did you mean 'alpaca'"]),
 ]
-COMMAND_CASES = [c for c in CASES if c[0] in ("malformed_line3.jsonl", "empty_assistant_strict.json")]
+COMMAND_CASES = CASES  # every case also runs as the real command (the package imports lazily)
 
 
 def case_id(case):
