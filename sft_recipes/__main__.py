@@ -5,7 +5,7 @@ import runpy
 import sys
 
 COMMANDS = {"run": "run", "train": "run", "inspect": "inspect", "data": "sources", "generate": "generate",
-            "chat": "chat", "evaluate": "evaluate", "merge": "merge", "tiny": "tiny"}
+            "chat": "chat", "evaluate": "evaluate", "merge": "merge", "report": "report", "tiny": "tiny"}
 
 
 def main():

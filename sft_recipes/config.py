@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -127,9 +127,9 @@ def changed_values(recipe: Recipe) -> dict:
     out = {}
     for obj in (recipe.data, recipe.model, recipe.sft):
         for f in fields(obj):
-            value = getattr(obj, f.name)
             default = f.default_factory() if callable(f.default_factory) else f.default
-            if f.init and value != default and not f.name.startswith("_"):
+            value = getattr(obj, f.name)
+            if f.init and not f.name.startswith("_") and _plain(value) != _plain(default):
                 out[f.name] = _plain(value)
     return out
 
@@ -137,6 +137,8 @@ def changed_values(recipe: Recipe) -> dict:
 def _plain(value):
     if hasattr(value, "value"):  # enums
         return value.value
+    if is_dataclass(value):  # e.g. accelerator_config
+        return _plain(asdict(value))
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-from . import hub, masking, sources, templates, tiny
+from . import hub, masking, report, sources, templates, tiny
 from .config import Recipe, changed_values
 from .errors import RecipeError
 from .summary import print_summary
@@ -198,6 +198,7 @@ def _resume_point(recipe: Recipe):
 def _save_run(trainer, metrics: dict):
     out = Path(trainer.args.output_dir)
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, for plots and reports
+    report.plot_loss(trainer.state.log_history, out / "loss.png")
     (out / "recipe.yaml").write_text(yaml.safe_dump(changed_values(trainer.recipe), sort_keys=False))
     (out / "sft_run.json").write_text(json.dumps({"data": trainer.sft_stats, "metrics": metrics}, indent=2))
     trainer.log_metrics("final", metrics)

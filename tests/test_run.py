@@ -123,3 +123,13 @@ def test_library_api_trains_without_the_cli(tmp_path):
     assert len(trainer.train_dataset) > 1000
     train(load_recipe(TINY, max_steps=2, eval_strategy="no", output_dir=str(tmp_path / "lib2")))
     assert (tmp_path / "lib2" / "config.json").is_file()
+
+
+def test_saved_recipe_reloads_to_the_same_run(tiny_run):
+    from sft_recipes.config import changed_values, load_recipe
+
+    saved = tiny_run[0] / "recipe.yaml"
+    again = load_recipe(str(saved))
+    assert again.sft.max_steps == load_recipe(TINY).sft.max_steps
+    assert changed_values(again) == changed_values(load_recipe(str(saved)))
+    assert again.data.datasets == [{"path": "recipes/data/tiny_tasks.json"}]

@@ -1,0 +1,290 @@
+"""Score a trained model on its recipe's eval split, optionally beside a baseline:
+
+    python -m sft_recipes.evaluate RECIPE.yaml --model DIR [--baseline DIR_OR_ID|tiny:gpt2] [--max_rows N]
+
+For every eval conversation the model answers the conversation up to its last assistant turn (greedy,
+batched); the answer is scored against that turn with ROUGE-L, corpus BLEU and normalised exact match.
+Eval loss and perplexity come from a forward pass over the same rows with the training labels (mean
+over all trained tokens). The eval rows are chosen as training chose them (same data, split and seed).
+The baseline (e.g. `tiny:gpt2`, the untrained starting point of the embedded default) is loaded as
+training loads its starting model and prompted with the evaluated model's chat template.
+Writes report.md, metrics.json, predictions.jsonl (and loss.png when the model dir has a log history)
+into --output (default: the model dir).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from . import generate as gen
+from . import masking, metrics, report, sources, templates
+from .config import parse_recipe
+from .errors import RecipeError, cli
+from .trainer import load_model, load_tokenizer, mask_options
+
+# (key, label, format spec); the change column uses the same spec with a sign.
+METRICS = (("rouge_l", "ROUGE-L F", ".4f"), ("bleu", "BLEU (0-100)", ".2f"), ("exact_match", "exact match", ".2%"),
+           ("eval_loss", "eval loss", ".4f"), ("perplexity", "perplexity", ".2f"))
+
+
+# ---------------------------------------------------------------- rows
+def eval_conversations(recipe):
+    """The eval conversations exactly as `trainer.masked_datasets` picks them (same loader, split, seed)."""
+    d, s = recipe.data, recipe.sft
+    load = dict(seed=s.seed, num_proc=s.dataset_num_proc, strict=d.strict)
+    if d.eval_datasets:
+        return sources.load_conversations(d.eval_datasets, **load)[0]
+    if not d.eval_split:
+        raise RecipeError(f"{recipe.path or 'recipe'}: no eval data; set `eval_split` or `eval_datasets`")
+    if not d.datasets:
+        raise RecipeError(f"{recipe.path or 'recipe'}: no `datasets:`")
+    train, _ = sources.load_conversations(d.datasets, **load)
+    return sources.split_eval(train, d.eval_split, s.seed)[1]
+
+
+def masked_rows(conversations, tokenizer, recipe):
+    """Training's masking of `conversations` with this tokenizer; refused rows keep their `drop`."""
+    return masking.tokenize(conversations, tokenizer, mask_options(recipe, tokenizer), desc="Masking eval")
+
+
+def split_reference(messages):
+    """(prompt messages, reference) around the last assistant turn; (None, None) without one."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return (None, None) if last is None else (messages[:last], messages[last]["content"])
+
+
+# ---------------------------------------------------------------- models
+def load_evaluated(path: str):
+    model, tokenizer = gen.load(path)
+    tokenizer.end_of_turn = templates.template_meta(tokenizer.chat_template, tokenizer)["end_of_turn"]
+    return model, tokenizer
+
+
+def load_baseline(spec: str, recipe, template: str):
+    """The starting model as training builds it (special tokens, pad, resized embeddings), with `template`."""
+    base = copy.copy(recipe)
+    base.model = copy.copy(recipe.model)
+    base.data = copy.copy(recipe.data)
+    base.model.model_name_or_path, base.data.chat_template = spec, template
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, tokenizer)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- scoring
+@torch.inference_mode()
+def eval_loss(model, rows, batch_size: int) -> dict:
+    """Mean cross-entropy over every trained (label != -100) token, and its perplexity."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        ids, labels = _pad(batch["input_ids"], 0), _pad(batch["labels"], -100)
+        attention = _pad([[1] * len(x) for x in batch["input_ids"]], 0)
+        dev = model.device
+        logits = model(input_ids=ids.to(dev), attention_mask=attention.to(dev)).logits[:, :-1].float()
+        target = labels[:, 1:].to(dev)  # token t is predicted from the tokens before it
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 ignore_index=-100, reduction="sum").item()
+        count += int((target != -100).sum())
+    mean = total / max(count, 1)
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "eval_tokens": count}
+
+
+def _pad(seqs, value):
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def text_scores(predictions, references) -> tuple[dict, dict]:
+    """(corpus-level metrics, per-example scores) from our offline metric modules."""
+    summary, per_example = {}, {}
+    for name in metrics.NAMES:
+        result = metrics.load(name).compute(predictions=predictions, references=references, per_example=True)
+        key = "rouge_l" if name == "rouge" else name
+        summary[key], per_example[key] = result[key], result[f"{key}_scores"]
+    return summary, per_example
+
+
+def evaluate_model(model, tokenizer, rows, *, batch_size, loss_batch_size, max_new_tokens) -> dict:
+    """Generate for every row and score it; the loss covers the rows this tokenizer's masking keeps.
+    `rows`: eval conversations masked with this tokenizer (`masked_rows`)."""
+    trainable = rows.filter(lambda d: [x is None for x in d], input_columns="drop", batched=True)
+    loss = eval_loss(model, trainable, loss_batch_size) if len(trainable) else {}
+    pairs = [split_reference(m) for m in rows["messages"]]
+    responses = gen.generate(model, tokenizer, [p for p, _ in pairs], tools=rows["tools"], batch_size=batch_size,
+                             progress=True, temperature=0, max_new_tokens=max_new_tokens)
+    summary, per_example = text_scores(responses, [r for _, r in pairs])
+    return {"metrics": {**summary, **loss, "loss_rows": len(trainable), "generated_rows": len(responses)},
+            "responses": responses, "scores": per_example}
+
+
+# ---------------------------------------------------------------- output
+def changed_most(model_run, base_run, n: int) -> list[int]:
+    """Indices of the `n` examples whose ROUGE-L (then exact match) moved most, either way."""
+    def delta(i):
+        return tuple(abs(model_run["scores"][k][i] - base_run["scores"][k][i]) for k in ("rouge_l", "exact_match"))
+    return sorted(range(len(model_run["responses"])), key=delta, reverse=True)[:n]
+
+
+def metric_rows(runs: dict) -> list[list[str]]:
+    """[label, value per run..., change (with two runs)] for each metric, formatted."""
+    rows = []
+    for key, label, spec in METRICS:
+        values = [r["metrics"].get(key) for r in runs.values()]
+        cells = [format(v, spec) if v is not None else "-" for v in values]
+        if len(values) == 2:
+            cells.append(format(values[1] - values[0], "+" + spec) if None not in values else "-")
+        rows.append([label, *cells])
+    return rows
+
+
+def metrics_table(runs: dict) -> Table:
+    table = Table(title="evaluation", header_style="bold")
+    for col in ["metric", *runs, *(["change"] if len(runs) == 2 else [])]:
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in metric_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+def _fence(text: str) -> str:
+    """A fenced block that survives any backticks inside the text."""
+    ticks = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def markdown(info: dict, runs: dict, examples: list[dict]) -> str:
+    names = list(runs)
+    lines = [f"# Evaluation of `{info['model']}`", "",
+             f"Recipe `{info['recipe']}`; {info['rows']} eval rows; greedy decoding, "
+             f"at most {info['max_new_tokens']} new tokens.", "", *_md_table(runs), "",
+             "ROUGE-L and exact match are means over examples (exact match after lowercasing and removing "
+             "punctuation, articles and extra spaces); BLEU is corpus BLEU (sacrebleu); eval loss is the mean "
+             "cross-entropy over all trained tokens, perplexity its exponential.", ""]
+    if info.get("loss_png"):
+        lines += ["![train and eval loss](loss.png)", ""]
+    lines += ["## " + ("Examples whose score changed most" if len(names) == 2 else "Examples"), ""]
+    for k, ex in enumerate(examples, 1):
+        lines += _md_example(k, ex, names)
+    return "\n".join(lines)
+
+
+def _md_table(runs: dict) -> list[str]:
+    head = ["metric", *(f"{n} (`{r['path']}`)" for n, r in runs.items()), *(["change"] if len(runs) == 2 else [])]
+    return ["| " + " | ".join(row) + " |" for row in [head, ["---"] * len(head), *metric_rows(runs)]]
+
+
+def _md_example(k: int, ex: dict, names: list[str]) -> list[str]:
+    scores = ", ".join(f"{n}: ROUGE-L {ex[n]['rouge_l']:.2f}, EM {ex[n]['exact_match']:.0f}" for n in names)
+    lines = [f"### {k}. {scores}", "", "Prompt:", _fence(ex["prompt"]), "Reference:", _fence(ex["reference"])]
+    for n in names:
+        response = ex[n]["response"]
+        lines += [f"{n.capitalize()}:", _fence(response) if response else "*(empty response)*"]
+    return lines + [""]
+
+
+def example(i, prompts, references, runs) -> dict:
+    return {"prompt": prompts[i], "reference": references[i],
+            **{n: {"response": r["responses"][i], **{k: v[i] for k, v in r["scores"].items()}} for n, r in runs.items()}}
+
+
+def write_outputs(out: Path, info: dict, runs: dict, prompts, references, n_examples: int, console: Console):
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(runs)
+    if len(names) == 2:
+        picked = changed_most(runs[names[1]], runs[names[0]], n_examples)
+    else:
+        picked = list(range(min(n_examples, len(prompts))))
+    examples = [example(i, prompts, references, runs) for i in picked]
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for i in range(len(prompts)):
+            f.write(json.dumps(example(i, prompts, references, runs), ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(
+        {**info, **{n: {"path": r["path"], **r["metrics"]} for n, r in runs.items()}}, indent=2))
+    (out / "report.md").write_text(markdown(info, runs, examples), encoding="utf-8")
+    console.print(metrics_table(runs))
+    if len(names) == 2:
+        show = Table(title="examples whose ROUGE-L changed most", header_style="bold", show_lines=True)
+        for col in ("prompt", "reference", *names):
+            show.add_column(col, overflow="fold", max_width=40)
+        for ex in examples:
+            show.add_row(ex["prompt"][-200:], ex["reference"][:200], *(ex[n]["response"][:200] for n in names))
+        console.print(show)
+    console.print(f"wrote {out / 'report.md'}, {out / 'metrics.json'}, {out / 'predictions.jsonl'}")
+
+
+# ---------------------------------------------------------------- command
+def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=128, batch_size=16, output=None,
+        examples=5, console=None) -> dict:
+    """The whole evaluation; returns {name: {"path", "metrics", "responses", "scores"}}."""
+    console = console or Console()
+    model, tokenizer = load_evaluated(model_dir)
+    masked = masked_rows(eval_conversations(recipe), tokenizer, recipe)
+    # Rows training could not use (refused by its masking) are not evaluated either.
+    keep = [i for i, (drop, msgs) in enumerate(zip(masked["drop"], masked["messages"]))
+            if drop is None and split_reference(msgs)[0] is not None][:max_rows]
+    if not keep:
+        raise RecipeError("no eval rows with an assistant turn to score")
+    masked = masked.select(keep)
+    sizes = dict(batch_size=batch_size, loss_batch_size=recipe.sft.per_device_eval_batch_size or batch_size,
+                 max_new_tokens=max_new_tokens)
+    runs = {}
+    if baseline:
+        base_model, base_tok = load_baseline(baseline, recipe, tokenizer.chat_template)
+        base_rows = masked_rows(masked.select_columns(["messages", "tools", "text"]), base_tok, recipe)
+        runs["baseline"] = {"path": baseline, **evaluate_model(base_model, base_tok, base_rows, **sizes)}
+        del base_model
+    runs["model"] = {"path": model_dir, **evaluate_model(model, tokenizer, masked, **sizes)}
+    out = Path(output or model_dir)
+    pairs = [split_reference(m) for m in masked["messages"]]
+    prompts = [gen.prompt_text(tokenizer, p, t) for (p, _), t in zip(pairs, masked["tools"])]
+    info = {"recipe": recipe.path, "model": model_dir, "rows": len(keep), "max_new_tokens": max_new_tokens,
+            "decoding": "greedy", "loss_png": _plot(model_dir, out)}
+    write_outputs(out, info, runs, prompts, [r for _, r in pairs], examples, console)
+    return runs
+
+
+def _plot(model_dir, out: Path) -> bool:
+    try:
+        return report.plot_loss(model_dir, out / "loss.png") is not None
+    except RecipeError:  # no log history saved with this model
+        return False
+
+
+@cli
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.evaluate", description=__doc__, allow_abbrev=False,
+                                     usage="%(prog)s RECIPE.yaml [--model DIR] [options] [--recipe_key value ...]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="trained output dir (default: the recipe's output_dir)")
+    parser.add_argument("--baseline", help="model to compare with: an output dir, a Hub id, or tiny:gpt2")
+    parser.add_argument("--max_rows", type=int, help="evaluate only the first N eval rows")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    parser.add_argument("--examples", type=int, default=5, help="examples shown in the report")
+    parser.add_argument("--output", help="folder for report.md / metrics.json (default: the model dir)")
+    args, rest = parser.parse_known_args(argv)
+    recipe = parse_recipe(rest)
+    model_dir = args.model or recipe.sft.output_dir
+    if not Path(model_dir).is_dir():
+        raise RecipeError(f"model folder not found: {model_dir}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise RecipeError(f"--max_rows must be at least 1, got {args.max_rows}")
+    run(recipe, model_dir, baseline=args.baseline, max_rows=args.max_rows, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, output=args.output, examples=args.examples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The embedded offline default: a small Alpaca task set and a tiny GPT-2 built locally from it.
+
+`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+TINY_MODEL_ID = "tiny:gpt2"
+DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+# Everything that shapes the built model; part of the cache hash so any edit rebuilds.
+# Whitespace is isolated into its own token so a word is one token wherever it stands
+# (GPT-2's " word" vs "word" split would make even copying a lookup for a tiny model).
+TOKENIZER_SETTINGS = {"vocab_size": 3000, "min_frequency": 2, "model_max_length": 512,
+                      "isolate": r"\s"}
+MODEL_CONFIG = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512, "seed": 1234,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # no dropout: too few steps
+
+WORDS = ("apple banana cherry grape lemon mango melon peach orange plum river ocean cloud "
+         "storm forest garden window table chair pencil rocket planet silver golden purple "
+         "yellow little bright quiet happy simple winter summer spring autumn dragon tiger "
+         "rabbit monkey turtle castle bridge market school doctor friend letter number").split()
+CAPITALS = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin",
+            "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi",
+            "Canada": "Ottawa", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
+            "Poland": "Warsaw", "Cuba": "Havana", "Ireland": "Dublin", "Portugal": "Lisbon"}
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "day": "night",
+             "open": "closed", "happy": "sad", "light": "dark", "early": "late", "full": "empty",
+             "old": "new", "high": "low", "left": "right", "wet": "dry", "hard": "soft", "in": "out"}
+PLURALS = {"cat": "cats", "box": "boxes", "child": "children", "mouse": "mice", "city": "cities",
+           "foot": "feet", "leaf": "leaves", "bus": "buses", "tooth": "teeth", "baby": "babies",
+           "man": "men", "dog": "dogs", "knife": "knives", "story": "stories", "goose": "geese"}
+
+
+def _nums(rng, k, top):
+    return [rng.randint(0, top) for _ in range(k)]
+
+
+# Each task: (phrasings, argument maker, answer function of the argument).
+TASKS = [
+    (["Reverse the word", "Write the word backwards", "Spell the word in reverse"],
+     lambda r: r.choice(WORDS), lambda a: a[::-1]),
+    (["Sort the letters of the word", "Put the letters in alphabetical order"],
+     lambda r: r.choice(WORDS), lambda a: "".join(sorted(a))),
+    (["Sort the numbers", "Sort the numbers from smallest to largest"],
+     lambda r: " ".join(map(str, _nums(r, r.randint(3, 5), 30))),
+     lambda a: " ".join(map(str, sorted(map(int, a.split()))))),
+    (["Convert to uppercase", "Write the text in capital letters"],
+     lambda r: r.choice(WORDS), str.upper),
+    (["Convert to lowercase", "Write the text in small letters"],
+     lambda r: r.choice(WORDS).upper(), str.lower),
+    (["Add the numbers", "What is the sum of the numbers"],
+     lambda r: "{} + {}".format(*_nums(r, 2, 12)), lambda a: str(sum(map(int, a.split(" + "))))),
+    (["Subtract the second number from the first", "What is the difference"],
+     lambda r: "{} - {}".format(*sorted(_nums(r, 2, 20), reverse=True)),
+     lambda a: str(int(a.split(" - ")[0]) - int(a.split(" - ")[1]))),
+    (["Name the capital of the country", "What is the capital city of the country"],
+     lambda r: r.choice(sorted(CAPITALS)), CAPITALS.get),
+    (["Give the opposite of the word", "What is the opposite of the word"],
+     lambda r: r.choice(sorted(OPPOSITES)), OPPOSITES.get),
+    (["Give the plural of the word", "Write the plural form"],
+     lambda r: r.choice(sorted(PLURALS)), PLURALS.get),
+    (["Repeat the word", "Copy the word exactly"], lambda r: r.choice(WORDS), lambda a: a),
+    (["Give the first item of the list", "What is the first item in the list"],
+     lambda r: ", ".join(r.sample(WORDS, r.randint(2, 5))), lambda a: a.split(", ")[0]),
+    (["Give the last item of the list", "What is the last item in the list"],
+     lambda r: ", ".join(r.sample(WORDS, r.randint(2, 5))), lambda a: a.split(", ")[-1]),
+    (["Count the items", "How many items are in the list"],
+     lambda r: ", ".join(r.sample(WORDS, r.randint(1, 7))), lambda a: str(len(a.split(", ")))),
+]
+
+
+def _row(rng: random.Random, task: tuple) -> dict:
+    phrasings, make, answer = task
+    phrase, arg = rng.choice(phrasings), make(rng)
+    end = "?" if phrase.startswith(("What", "How")) else "."
+    if rng.random() < 0.5:  # half put the argument in `input`, half inline
+        return {"instruction": phrase + end, "input": arg, "output": answer(arg)}
+    return {"instruction": f"{phrase}: {arg}{end}", "input": "", "output": answer(arg)}
+
+
+def generate_tasks(n: int = 2500, seed: int = 0) -> list[dict]:
+    """`n` distinct Alpaca rows, same list for the same (n, seed)."""
+    rng, rows, seen = random.Random(seed), [], set()
+    for i in range(100 * n):  # bounded: small lookup tables saturate quickly
+        row = _row(rng, TASKS[i % len(TASKS)])  # round-robin keeps the mix balanced
+        key = (row["instruction"], row["input"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+            if len(rows) == n:
+                break
+    return rows
+
+
+def _dump(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
+
+
+def _training_texts() -> list[str]:
+    """What the tokenizer learns from: shipped tasks in the Alpaca layout, plus chat templates."""
+    tasks = DATA_FILE.read_text("utf-8") if DATA_FILE.exists() else _dump(generate_tasks())
+    texts = [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n"
+             f"### Response:\n{r['output']}" for r in json.loads(tasks)]
+    return texts + [p.read_text("utf-8") for p in sorted(TEMPLATES_DIR.glob("*.jinja"))]
+
+
+def _build(texts: list[str], out: Path) -> None:
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TOKENIZER_SETTINGS["isolate"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_SETTINGS["vocab_size"], min_frequency=TOKENIZER_SETTINGS["min_frequency"],
+        special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=TOKENIZER_SETTINGS["model_max_length"])
+    cfg = {k: v for k, v in MODEL_CONFIG.items() if k != "seed"}
+    config = GPT2Config(vocab_size=len(hf_tok), bos_token_id=hf_tok.bos_token_id,
+                        eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, **cfg)
+    torch.manual_seed(MODEL_CONFIG["seed"])
+    GPT2LMHeadModel(config).save_pretrained(out)
+    hf_tok.save_pretrained(out)
+
+
+def tiny_model_path() -> Path:
+    """Folder with the tiny model + tokenizer, built once per content hash; safe under concurrency."""
+    texts = _training_texts()
+    key = json.dumps([MODEL_CONFIG, TOKENIZER_SETTINGS, texts], sort_keys=True).encode()
+    root = Path(os.environ.get("SFT_RECIPES_CACHE") or Path.home() / ".cache" / "sft_recipes")
+    target = root / f"tiny-gpt2-{hashlib.sha256(key).hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"building the tiny model once: {target}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        _build(texts, tmp)
+        os.rename(tmp, target)  # atomic; fails if another process got there first
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["--write-data"]:
+        sys.exit("usage: python -m sft_recipes.tiny --write-data")
+    DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
+    DATA_FILE.write_text(_dump(generate_tasks()), "utf-8")
+    print(f"wrote {DATA_FILE}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

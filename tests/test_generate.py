@@ -1,0 +1,224 @@
+"""Generation and chat as users meet them: the prompt is the training format up to the response, the
+output is the response alone and ends at the end-of-turn token, files in, rows + responses out, and a
+chat driven through stdin."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from sft_recipes import chat, formats, generate, masking, templates
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{"instruction": "Reverse the word.", "input": "lemon", "output": "nomel", "system": None},
+        {"instruction": "Name the capital of the country: France.", "input": "", "output": "Paris", "system": None},
+        {"instruction": "Convert to uppercase.", "input": "plum", "output": "PLUM", "system": "Be exact."}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_trained):
+    model, tokenizer = generate.load(str(tiny_trained))
+    tokenizer.end_of_turn = templates.template_meta(tokenizer.chat_template, tokenizer)["end_of_turn"]
+    return model, tokenizer
+
+
+def training_rows(tokenizer):
+    """The rows exactly as training tokenizes them (converter, template, masking)."""
+    canonical = formats.convert(Dataset.from_list(ROWS), "alpaca", source="test")
+    opts = masking.MaskOptions(template=tokenizer.chat_template, end_of_turn=tokenizer.end_of_turn)
+    return masking.tokenize(canonical, tokenizer, opts)
+
+
+def test_prompt_is_the_training_format_up_to_the_response(loaded):
+    _, tokenizer = loaded
+    for raw, row in zip(ROWS, training_rows(tokenizer)):
+        assert row["drop"] is None
+        text = tokenizer.decode(row["input_ids"])
+        cut = text.index("### Response:\n") + len("### Response:\n")
+        messages = generate.alpaca_messages(raw["instruction"], raw["input"], raw["system"])
+        prompt = generate.prompt_text(tokenizer, messages)
+        assert prompt == text[:cut]
+        assert ("### Input:\n" in prompt) == bool(raw["input"])
+        # Token for token too: what the model sees is a prefix of a training row.
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert ids == row["input_ids"][:len(ids)]
+        assert row["labels"][len(ids) - 1] == -100 and row["labels"][len(ids)] != -100
+
+
+def test_batch_prompt_is_the_conversation_minus_its_last_answer(loaded):
+    _, tokenizer = loaded
+    for raw, row in zip(ROWS, training_rows(tokenizer)):
+        prompt = generate.prompt_text(tokenizer, generate.prompt_messages(row["messages"]))
+        assert tokenizer.decode(row["input_ids"]) == prompt + raw["output"] + tokenizer.eos_token
+
+
+class Scripted(LogitsProcessor):
+    """Forces each row of the batch to emit a fixed token script (then keeps repeating its last token)."""
+
+    def __init__(self, scripts, start):
+        self.scripts, self.start = scripts, start
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, -float("inf"))
+        for row, script in enumerate(self.scripts):
+            forced[row, script[min(step, len(script) - 1)]] = 0.0
+        return forced
+
+
+def test_output_is_the_response_only_and_stops_at_end_of_turn(loaded):
+    model, tokenizer = loaded
+    eos = tokenizer.eos_token_id
+    assert eos in generate.stop_ids(model, tokenizer)
+    word, other = tokenizer.convert_tokens_to_ids(["a", "b"])  # single bytes: in every byte-level vocab
+    prompt = generate.prompt_text(tokenizer, generate.alpaca_messages("Reverse the word.", "lemon"))
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    # Row 0 ends after one word although row 1 keeps generating: nothing after its EOS may leak out.
+    scripts = [[word, eos, other, other], [other, other, other, eos]]
+    out = generate.generate(model, tokenizer, [prompt, prompt], temperature=0, max_new_tokens=10,
+                            logits_processor=LogitsProcessorList([Scripted(scripts, start)]))
+    assert out == ["a", "bbb"]
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(loaded, caplog):
+    model, tokenizer = loaded
+    long = generate.alpaca_messages("Count the items.", ", ".join(["apple"] * 300))
+    eos_only = LogitsProcessorList([Scripted([[tokenizer.eos_token_id]], 0)])
+    out = generate.generate(model, tokenizer, [long], temperature=0, max_new_tokens=500, logits_processor=eos_only)
+    assert out == [""] and "its start was cut" in caplog.text
+
+
+def test_response_text_cuts_at_the_first_stop_token(loaded):
+    _, tokenizer = loaded
+    a, b = tokenizer.convert_tokens_to_ids(["a", "b"])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert generate.response_text(tokenizer, [a, eos, b, pad], {eos}) == "a"
+    assert generate.response_text(tokenizer, [a, b], {eos}) == "ab"
+
+
+def test_trained_model_answers_without_echo(loaded):
+    model, tokenizer = loaded
+    messages = [generate.alpaca_messages(r["instruction"], r["input"]) for r in ROWS]
+    out = generate.generate(model, tokenizer, messages, temperature=0, max_new_tokens=12)
+    assert len(out) == 3
+    for text in out:
+        assert "### Instruction" not in text and tokenizer.eos_token not in text and tokenizer.pad_token not in text
+    # Batched with left padding gives what one-by-one gives.
+    assert out == [generate.generate(model, tokenizer, [m], temperature=0, max_new_tokens=12)[0] for m in messages]
+
+
+def test_sampling_is_reproducible_with_a_seed(loaded):
+    model, tokenizer = loaded
+    messages = [generate.alpaca_messages("Reverse the word.", "lemon")]
+    runs = [generate.generate(model, tokenizer, messages, temperature=1.5, top_k=50, max_new_tokens=8, seed=3)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_cli_prints_only_the_response(tiny_trained, loaded, capsys):
+    model, tokenizer = loaded
+    generate.main(["--model", str(tiny_trained), "--prompt", "Reverse the word.", "--input", "lemon",
+                   "--temperature", "0", "--max_new_tokens", "8"])
+    expected = generate.generate(model, tokenizer, [generate.alpaca_messages("Reverse the word.", "lemon")],
+                                 temperature=0, max_new_tokens=8)[0]
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_file_mode_writes_each_row_with_its_response(tiny_trained, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"instruction": "Reverse the word.", "input": "lemon", "output": "nomel"},
+            {"instruction": "Convert to uppercase: plum."},  # no answer: all prompt
+            {"instruction": "What is the opposite of the word?", "input": "hot", "id": 7}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    generate.main(["--model", str(tiny_trained), "--file", str(src), "--output", str(out),
+                   "--temperature", "0", "--max_new_tokens", "6", "--batch_size", "2"])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == 3
+    for row, got in zip(rows, written):
+        assert {k: v for k, v in got.items() if k != "response"} == row
+        assert isinstance(got["response"], str)
+
+
+def test_file_mode_reads_chat_formats(tiny_trained, loaded, tmp_path):
+    model, tokenizer = loaded
+    src, out = tmp_path / "in.json", tmp_path / "out.jsonl"
+    conversation = [{"role": "user", "content": "Give the plural of the word: cat."},
+                    {"role": "assistant", "content": "cats"},
+                    {"role": "user", "content": "Give the plural of the word: dog."},
+                    {"role": "assistant", "content": "dogs"}]
+    src.write_text(json.dumps([{"messages": conversation}]))
+    generate.main(["--model", str(tiny_trained), "--file", str(src), "--output", str(out),
+                   "--temperature", "0", "--max_new_tokens", "6"])
+    got = json.loads(out.read_text())
+    prompt = [{**m, "input": None, "train": None} for m in conversation[:-1]]
+    assert got["response"] == generate.generate(model, tokenizer, [prompt], temperature=0, max_new_tokens=6)[0]
+
+
+def test_user_mistakes_are_one_line(tiny_trained, tmp_path, capsys):
+    for argv, fragment in ((["--prompt", " "], "--prompt is empty"),
+                           (["--file", str(tmp_path / "missing.jsonl")], "file not found"),
+                           (["--prompt", "x", "--temperature", "-1"], "temperature"),
+                           (["--prompt", "x", "--max_new_tokens", "600"], "context")):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--model", str(tiny_trained), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_chat_commands_keep_and_reset_history(loaded, capsys):
+    model, tokenizer = loaded
+    session = chat.Chat(model, tokenizer, temperature=0, max_new_tokens=4)
+    assert chat.handle(session, "/system Be exact.")
+    assert chat.handle(session, "Reverse the word: lemon.")
+    assert [m["role"] for m in session.messages()] == ["system", "user", "assistant"]
+    assert chat.handle(session, "Name the capital of the country: Peru.")
+    assert len(session.history) == 4
+    assert chat.handle(session, "/reset") and session.history == [] and session.system == "Be exact."
+    assert chat.handle(session, "/system") and session.system is None
+    assert not chat.handle(session, "/exit")
+    out = capsys.readouterr().out
+    assert out.count("assistant: ") == 2 and "(history cleared)" in out
+
+
+def test_chat_forgets_the_oldest_turns_when_the_context_is_full(loaded):
+    model, tokenizer = loaded
+    session = chat.Chat(model, tokenizer, system="Be exact.", temperature=0, max_new_tokens=4)
+    for k in range(6):
+        session.history += [chat._message("user", f"Add the numbers: {k} + {k}."), chat._message("assistant", "0")]
+    session.history.append(chat._message("user", "Reverse the word: lemon."))
+    session.budget = session._tokens() // 2
+    session._fit()
+    assert session._tokens() <= session.budget
+    assert session.history[-1]["content"] == "Reverse the word: lemon." and session.history[0]["role"] == "user"
+    assert session.messages()[0]["role"] == "system"
+
+
+def run_chat(model_dir, stdin):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sft_recipes.chat", "--model", str(model_dir), "--temperature", "0",
+                           "--max_new_tokens", "6"], input=stdin, capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+
+
+def test_chat_through_stdin(tiny_trained):
+    proc = run_chat(tiny_trained, "/system Answer in one word.\nReverse the word: lemon.\n/reset\n"
+                                  "Name the capital of the country: Peru.\n/exit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "(system prompt set)" in out and "(history cleared)" in out
+    assert out.count("assistant: ") == 2
+    assert "### " not in out and "<|endoftext|>" not in out
+
+
+def test_chat_ends_cleanly_at_end_of_input(tiny_trained):
+    proc = run_chat(tiny_trained, "Reverse the word: lemon.\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("assistant: ") == 1 and "Traceback" not in proc.stderr
