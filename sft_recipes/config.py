@@ -30,6 +30,8 @@ class ScriptArguments:
                                                             "choices": list(TRUNCATION)})
     verify_masks: bool = field(default=True, metadata={"help": "Prove every row's mask; refuse rows that fail."})
     strict: bool = field(default=False, metadata={"help": "Any dropped or refused row is an error."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop after this many evaluations without improvement of `metric_for_best_model` (eval loss)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Train again into an output_dir that already holds a finished model (else refused)."})
 

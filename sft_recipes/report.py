@@ -1,4 +1,5 @@
-"""Loss curves from the trainer's log history: `python -m sft_recipes.report OUTPUT_DIR` writes loss.png.
+"""Reports of a run: loss curves from the trainer's log history (`python -m sft_recipes.report OUTPUT_DIR`
+writes loss.png) and the model card written into output_dir.
 
     plot_loss("runs/tiny_alpaca")                    # reads trainer_state.json (or the newest checkpoint's)
     plot_loss(trainer.state.log_history, "loss.png")  # straight from a finished Trainer
@@ -81,6 +82,49 @@ def _draw(found, path: Path):
 
 
 @cli
+def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
+    """README.md for output_dir: what was trained on, how it was masked, with what settings, how it did."""
+    import yaml
+
+    data = "\n".join(f"- `{d.get('path')}` (format {d.get('format', 'auto')}"
+                     + (f", weight {d['weight']}" if d.get("weight") else "") + ")"
+                     for d in recipe_values.get("datasets", []))
+    rows = "\n".join(f"| {split} | {st['rows']:,} | {', '.join(f'{k}: {v}' for k, v in {**st['dropped'], **st['refused']}.items()) or 'none'}"
+                     f" | {st['truncated']:,} | {st['trained_fraction']:.1%} |" for split, st in stats.items() if st)
+    scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"""---
+library_name: transformers
+base_model: {recipe_values.get("model_name_or_path")}
+tags: [sft, sft_recipes, trl]
+---
+# {Path(str(recipe_values.get("output_dir", "model"))).name}
+
+Fine-tuned from `{recipe_values.get("model_name_or_path")}` with sft_recipes (TRL `SFTTrainer`).
+
+## Data
+{data}
+
+| split | rows | dropped or refused | truncated | tokens trained |
+|---|---|---|---|---|
+{rows}
+
+## Template and masking
+Chat template: `{recipe_values.get("chat_template", "the tokenizer's own")}` (saved with the tokenizer).
+Loss on {"every token" if recipe_values.get("train_on_inputs") else f"assistant turns ({recipe_values.get('train_on', 'all_assistant')}) and their end-of-turn token"};
+every row's mask verified before training; truncation `{recipe_values.get("truncation", "keep_start")}`.
+
+## Recipe
+```yaml
+{yaml.safe_dump(recipe_values, sort_keys=False).strip()}
+```
+
+## Final metrics
+| metric | value |
+|---|---|
+{scores}
+"""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
@@ -50,6 +50,7 @@ def load_tokenizer(recipe: Recipe):
     if missing:  # so each marker is one token: no BPE merge across a turn boundary, and a clean stop
         tokenizer.add_special_tokens({"additional_special_tokens": missing},
                                      replace_extra_special_tokens=False)
+    tokenizer.template_token_ids = tokenizer.convert_tokens_to_ids(missing)  # new rows to train under LoRA
     if tokenizer.pad_token is None:  # distinct from EOS, so EOS is never mistaken for padding
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.chat_template = source
@@ -155,10 +156,30 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
                           "set `eval_split` or `eval_datasets`")
     model = load_model(recipe, tokenizer)
     trainer = SFTTrainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=get_peft_config(recipe.model))
+                         processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer),
+                         callbacks=_callbacks(recipe))
     trainer.sft_stats = stats
     trainer.recipe = recipe
     return trainer
+
+
+def _peft_config(recipe: Recipe, tokenizer):
+    config = get_peft_config(recipe.model)
+    new = getattr(tokenizer, "template_token_ids", [])
+    if config is not None and new and not config.trainable_token_indices:
+        config.trainable_token_indices = new  # the template's new tokens must learn, and travel with the adapter
+    return config
+
+
+def _callbacks(recipe: Recipe):
+    patience = recipe.data.early_stopping_patience
+    if patience is None:
+        return None
+    if recipe.sft.eval_strategy == "no" or not recipe.sft.load_best_model_at_end:
+        raise RecipeError("early_stopping_patience needs evaluation and the best model kept: set "
+                          "`eval_strategy: steps` and `load_best_model_at_end: true` (with save_strategy "
+                          "matching eval_strategy)")
+    return [EarlyStoppingCallback(early_stopping_patience=patience)]
 
 
 def train(recipe: Recipe) -> SFTTrainer:
@@ -182,9 +203,13 @@ def train(recipe: Recipe) -> SFTTrainer:
 
 def _resume_point(recipe: Recipe):
     """An existing output_dir is resumed from its last checkpoint, or refused: never silently overwritten."""
-    out = Path(recipe.sft.output_dir)
-    if recipe.sft.resume_from_checkpoint or recipe.data.overwrite_output_dir or not out.is_dir():
-        return recipe.sft.resume_from_checkpoint
+    out, asked = Path(recipe.sft.output_dir), recipe.sft.resume_from_checkpoint
+    if asked and asked != "auto":
+        if not Path(asked).is_dir():
+            raise RecipeError(f"resume_from_checkpoint: no checkpoint folder at {asked}")
+        return asked
+    if recipe.data.overwrite_output_dir or not out.is_dir():
+        return None
     last = get_last_checkpoint(str(out))
     if last:
         logger.warning("resuming from %s", last)
@@ -199,6 +224,8 @@ def _save_run(trainer, metrics: dict):
     out = Path(trainer.args.output_dir)
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the loss history, for plots and reports
     report.plot_loss(trainer.state.log_history, out / "loss.png")
-    (out / "recipe.yaml").write_text(yaml.safe_dump(changed_values(trainer.recipe), sort_keys=False))
+    values = changed_values(trainer.recipe)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    (out / "README.md").write_text(report.model_card(values, trainer.sft_stats, metrics))
     (out / "sft_run.json").write_text(json.dumps({"data": trainer.sft_stats, "metrics": metrics}, indent=2))
     trainer.log_metrics("final", metrics)
