@@ -52,7 +52,8 @@ def _tokenize_batch(batch, tokenizer, opts: MaskOptions):
     prepared = [_prepare(msgs, tools, text, opts, specials, added, tokenizer.eos_token or "")
                 for msgs, tools, text in zip(batch["messages"], batch["tools"], batch["text"])]
     enc = tokenizer([p[0] for p in prepared], add_special_tokens=False, return_offsets_mapping=True)
-    rows = [_label_row(*p, ids, offsets, opts) for p, ids, offsets in
+    special = set(tokenizer.all_special_ids)
+    rows = [_label_row(*p, ids, offsets, opts, special) for p, ids, offsets in
             zip(prepared, enc["input_ids"], enc["offset_mapping"])]
     if opts.verify and not opts.train_on_inputs:
         _verify_decoding(rows, prepared, tokenizer)
@@ -82,8 +83,8 @@ def _prepare(messages, tools, text, opts, specials, added, eos):
     chosen = [i for i in assistant if messages[i]["train"] is not False]
     if opts.train_on == "last_assistant":
         chosen = chosen[-1:]
-    located, err = _locate(rendered, messages, by_msg) if opts.verify else ({}, None)
-    if err:
+    located, err = _locate(rendered, messages, by_msg)
+    if err and (opts.verify or any(m["train"] and m["role"] != "assistant" for m in messages)):
         return rendered, [], [], err
     # Non-assistant turns are trained only when a message asks for it (train: true).
     extra = [i for i, m in enumerate(messages) if m["role"] != "assistant" and m["train"] and i in located]
@@ -110,6 +111,8 @@ def _locate(rendered, messages, by_msg):
             spans.append((at, at + len(piece)))
             cursor = at + len(piece)
         located[i] = (spans[0][0], spans[-1][1])
+        if i in by_msg:  # the end-of-turn text belongs to this turn: later messages start after it
+            cursor = max(cursor, by_msg[i][1])
     return located, None
 
 
@@ -121,7 +124,7 @@ def _pieces(m):
     return [content] if content.strip() else []
 
 
-def _label_row(text, trained, untrained, reason, ids, offsets, opts):
+def _label_row(text, trained, untrained, reason, ids, offsets, opts, special_ids):
     row = {"input_ids": ids, "labels": [-100] * len(ids), "drop": None, "detail": None,
            "n_tokens": len(ids), "n_trained": 0, "truncated": False, "_bounds": []}
     if reason:
@@ -142,9 +145,9 @@ def _label_row(text, trained, untrained, reason, ids, offsets, opts):
                 a == b or offsets[a][0] != s or offsets[b - 1][1] != e):
             return {**row, "drop": "trained_span_not_token_aligned",
                     "detail": f"tokens do not cover {text[s:e][:40]!r} exactly"}
-        if opts.verify and is_turn and opts.end_of_turn and not text[s:e].endswith(opts.end_of_turn):
-            return {**row, "drop": "end_of_turn_not_trained",
-                    "detail": f"trained turn does not end with {opts.end_of_turn!r}"}
+        if opts.verify and is_turn and not _ends_turn(text[s:e], ids[b - 1] if b > a else None, opts, special_ids):
+            want = repr(opts.end_of_turn) if opts.end_of_turn else "a special token"
+            return {**row, "drop": "end_of_turn_not_trained", "detail": f"trained turn does not end with {want}"}
         labels[a:b] = ids[a:b]
         bounds.append((a, b, s, e))
     for i, (s, e) in untrained:
@@ -164,6 +167,14 @@ def _verify_decoding(rows, prepared, tokenizer):
         if r["drop"] is None and got != want:
             r.update(drop="decode_mismatch", detail=f"trained tokens decode to {got[:40]!r}, not {want[:40]!r}",
                      labels=[-100] * len(r["labels"]), n_trained=0)
+
+
+def _ends_turn(turn_text, last_id, opts, special_ids) -> bool:
+    """A trained turn ends with the template's declared end of turn; undeclared, with a special token
+    (EOS, <|eot_id|>, ...), so the model always learns to stop."""
+    if opts.end_of_turn:
+        return turn_text.endswith(opts.end_of_turn)
+    return last_id in special_ids
 
 
 def _truncate(row, opts):

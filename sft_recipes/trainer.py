@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
@@ -182,6 +183,27 @@ def _callbacks(recipe: Recipe):
     return [EarlyStoppingCallback(early_stopping_patience=patience)]
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, write a checkpoint, stop. The same command resumes."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = control.should_training_stop = True
+
+
 def train(recipe: Recipe) -> SFTTrainer:
     """Build, summarise, train (resuming from the last checkpoint in output_dir), save everything."""
     resume = _resume_point(recipe)  # before any work: a refusal should come at once
@@ -189,7 +211,12 @@ def train(recipe: Recipe) -> SFTTrainer:
     state = PartialState()
     if state.is_main_process:
         print_summary(trainer)
+    stop = StopOnSignal().install()
+    trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=resume)
+    if stop.signal is not None:
+        raise RecipeError(f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}; "
+                          f"checkpoint saved in {recipe.sft.output_dir}; run the same command to resume")
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         evaluation = trainer.evaluate()
