@@ -101,11 +101,32 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     try:
         data, model, sft, from_yaml, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
-    except ValueError as e:  # a dataclass __post_init__ rejecting a value
+    except (ValueError, RecipeError) as e:  # a value argparse or a dataclass __post_init__ rejects
         raise RecipeError(f"{path or 'arguments'}: {e}") from None
     _unknown(from_yaml, parser, path or "recipe")
     _unknown(from_cli, parser, "command line")
-    return Recipe(data=data, model=model, sft=sft, path=path)
+    recipe = Recipe(data=data, model=model, sft=sft, path=path)
+    _check_values(recipe)
+    return recipe
+
+
+def _check_values(recipe: Recipe):
+    """Values argparse accepts but that cannot work: say so before anything loads."""
+    s, d, where = recipe.sft, recipe.data, recipe.path or "recipe"
+    positive = {"max_length": s.max_length, "per_device_train_batch_size": s.per_device_train_batch_size,
+                "per_device_eval_batch_size": s.per_device_eval_batch_size,
+                "gradient_accumulation_steps": s.gradient_accumulation_steps, "learning_rate": s.learning_rate,
+                "num_train_epochs": s.num_train_epochs}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise RecipeError(f"{where}: {key} must be positive, got {value}")
+    for key, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION)):  # argparse checks CLI only
+        if getattr(d, key) not in allowed:
+            raise RecipeError(f"{where}: {key} must be one of {', '.join(allowed)}, got '{getattr(d, key)}'")
+    if not 0 <= d.eval_split < 1:
+        raise RecipeError(f"{where}: eval_split is a fraction of the rows in [0, 1), got {d.eval_split}")
+    if not isinstance(d.datasets, list) or not all(isinstance(x, (dict, str)) for x in d.datasets):
+        raise RecipeError(f"{where}: datasets must be a list of {{path: ..., format: ...}} entries")
 
 
 def load_recipe(path: str | None = None, **overrides) -> Recipe:

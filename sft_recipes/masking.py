@@ -51,7 +51,8 @@ def _tokenize_batch(batch, tokenizer, opts: MaskOptions):
     added = _added_tokens_re(tokenizer)
     prepared = [_prepare(msgs, tools, text, opts, specials, added, tokenizer.eos_token or "")
                 for msgs, tools, text in zip(batch["messages"], batch["tools"], batch["text"])]
-    enc = tokenizer([p[0] for p in prepared], add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer([p[0] for p in prepared], add_special_tokens=False, return_offsets_mapping=True,
+                    verbose=False)  # long rows are our truncation policy's job, not a warning
     special = set(tokenizer.all_special_ids)
     rows = [_label_row(*p, ids, offsets, opts, special) for p, ids, offsets in
             zip(prepared, enc["input_ids"], enc["offset_mapping"])]

@@ -11,7 +11,7 @@ from .trainer import train
 
 @cli
 def main(argv=None):
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
     train(parse_recipe(argv))
 
 

@@ -92,6 +92,12 @@ def masked_datasets(recipe: Recipe, tokenizer):
         if evals is not None:
             evals = masking.tokenize(evals, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking eval")
     stats = {"train": _stats(train, drops), "eval": _stats(evals, eval_drops) if evals is not None else None}
+    for split, st in stats.items():
+        if st and st["rows"] == 0:
+            reason, n = next(iter(st["refused"].items()), ("none", 0))
+            example = st["examples"].get(reason, [""])[0]
+            raise RecipeError(f"no {split} rows left to train on: {n} refused ({reason}: {example}); "
+                              "check chat_template, max_length and the data with `python -m sft_recipes.inspect`")
     if d.strict:
         for split, st in stats.items():
             if st and st["refused"]:

@@ -1,0 +1,111 @@
+"""Bad recipes and bad command lines through the command's `main()` (and a few through the real
+`python -m sft_recipes.run`, one interpreter each): exit code 2, one clear line saying what and where,
+no traceback. (Bad data files: test_bad_inputs.py.)"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "recipes/data/tiny_tasks.json"
+BASE = f"model_name_or_path: tiny:gpt2\nchat_template: alpaca\ndatasets:\n  - {{path: {DATA}, weight: 40}}\nmax_steps: 1\n"
+
+# (case id, recipe text or None for the plain base recipe, extra CLI args, fragments of the error line)
+CASES = [
+    ("malformed_yaml", "model_name_or_path: x\n  bad: [\n", [], ["line 2", "not valid YAML"]),
+    ("not_a_mapping", "- a\n- b\n", [], ["must be a YAML mapping"]),
+    ("unknown_key", BASE + "lerning_rate: 1.0e-3\n", [], ["unknown key 'lerning_rate'", "'learning_rate'"]),
+    ("wrong_type", BASE + "learning_rate: fast\n", [], ["learning_rate", "invalid float value: 'fast'"]),
+    ("negative_max_length", BASE + "max_length: -5\n", [], ["max_length must be positive, got -5"]),
+    ("zero_batch", BASE + "per_device_train_batch_size: 0\n", [], ["per_device_train_batch_size must be positive"]),
+    ("eval_split_too_big", BASE + "eval_split: 1.5\n", [], ["eval_split", "[0, 1)"]),
+    ("no_datasets", "model_name_or_path: tiny:gpt2\nchat_template: alpaca\n", [], ["no `datasets:`"]),
+    ("datasets_not_a_list", BASE.replace(f"  - {{path: {DATA}, weight: 40}}\n", "") .replace("datasets:\n", "datasets: 3\n"),
+     [], ["datasets"]),
+    ("dataset_unknown_key", BASE.replace("{path:", "{pth: x, path:"), [], ["unknown key 'pth'", "'path'"]),
+    ("dataset_missing_file", BASE.replace(DATA, "data/nope.jsonl"), [], ["data/nope.jsonl", "not found"]),
+    ("dataset_bad_weight", BASE.replace("weight: 40", "weight: -1"), [], ["weight", "-1"]),
+    ("dataset_bad_format", BASE.replace("weight: 40", "weight: 40, format: alpacca"), [],
+     ["unknown format 'alpacca'", "alpaca"]),
+    ("unknown_template", BASE.replace("alpaca\n", "chatm\n", 1), [], ["unknown template 'chatm'", "'chatml'"]),
+    ("template_file_missing", BASE.replace("chat_template: alpaca", "chat_template: my/format.jinja"), [],
+     ["my/format.jinja", "not found"]),
+    ("template_raises", BASE.replace("chat_template: alpaca", "chat_template: \"{{ raise_exception('no way') }}\""),
+     [], ["no train rows left", "template_error", "no way"]),
+    ("system_turn_where_template_has_no_slot", None, ["--chat_template", "mistral"], ["template_error", "system"]),
+    ("max_length_shorter_than_header", BASE + "max_length: 6\n", [],
+     ["no train rows left", "no_trained_tokens_after_truncation"]),
+    ("missing_local_model", BASE.replace("tiny:gpt2", "./models/nothing-here"), [],
+     ["could not load './models/nothing-here'"]),
+    ("qlora_on_cpu", BASE + "use_peft: true\nload_in_4bit: true\n", [], ["need a CUDA GPU"]),
+    ("early_stopping_without_eval", BASE + "early_stopping_patience: 2\n", [], ["early_stopping_patience needs"]),
+    ("eval_without_eval_data", BASE + "eval_strategy: steps\n", [], ["no eval data", "eval_split"]),
+    ("bad_train_on", BASE + "train_on: first_assistant\n", [], ["train_on must be one of", "first_assistant"]),
+    ("non_utf8_recipe", b"model_name_or_path: caf\xe9\n", [], ["not UTF-8"]),
+    ("missing_recipe", "MISSING", [], ["recipe not found"]),
+    ("huge_record_truncated_to_nothing", None, ["--max_length", "64"], ["no_trained_tokens_after_truncation"]),
+    ("cli_typo", None, ["--lerning_rate", "1e-3"], ["unknown key 'lerning_rate'", "'learning_rate'"]),
+    ("cli_bad_int", None, ["--max_steps", "many"], ["max_steps", "invalid int value: 'many'"]),
+    ("cli_bad_choice", None, ["--truncation", "middle"], ["truncation", "invalid choice: 'middle'"]),
+    ("cli_missing_checkpoint", None, ["--resume_from_checkpoint", "/no/such/checkpoint"],
+     ["no checkpoint folder at /no/such/checkpoint"]),
+]
+
+
+def _prepare(case, tmp: Path):
+    name, text, args, _ = case
+    recipe = tmp / f"{name}.yaml"
+    if name == "system_turn_where_template_has_no_slot":  # mistral has no system slot after the first turn
+        data = tmp / "system_midway.json"
+        turns = [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."},
+                 {"role": "assistant", "content": "Hello."}]
+        data.write_text(json.dumps([{"messages": turns}] * 3))
+        text = BASE.replace(f"{{path: {DATA}, weight: 40}}", f"{{path: {data}}}")
+    elif name == "huge_record_truncated_to_nothing":  # a 10 MB instruction: loads, then nothing to train
+        data = tmp / "huge.json"
+        data.write_text(json.dumps([{"instruction": "word " * 2_000_000, "output": "ok"}]))
+        text = BASE.replace(f"{{path: {DATA}, weight: 40}}", f"{{path: {data}}}")
+    if text == "MISSING":
+        return [str(tmp / "no_such_recipe.yaml"), *args]
+    recipe.write_bytes(text if isinstance(text, bytes) else (text or BASE).encode())
+    return [str(recipe), "--output_dir", str(tmp / f"out_{name}"), *args]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bad_recipes")
+
+
+def _main(argv, capsys):
+    from sft_recipes.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _check(code, stderr, fragments):
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    error = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1, stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_recipe_gives_one_clear_line(case, workdir, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    _check(*_main(_prepare(case, workdir), capsys), case[3])
+
+
+@pytest.mark.parametrize("name", ["unknown_key", "dataset_missing_file", "cli_bad_choice"])
+def test_the_real_command_says_the_same(name, workdir):
+    case = next(c for c in CASES if c[0] == name)
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.run", *_prepare(case, workdir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    _check(proc.returncode, proc.stderr, case[3])
