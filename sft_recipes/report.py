@@ -81,7 +81,6 @@ def _draw(found, path: Path):
     plt.close(fig)
 
 
-@cli
 def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
     """README.md for output_dir: what was trained on, how it was masked, with what settings, how it did."""
     import yaml
@@ -125,6 +124,7 @@ every row's mask verified before training; truncation `{recipe_values.get("trunc
 """
 
 
+@cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

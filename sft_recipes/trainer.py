@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import warnings
 from collections import Counter
@@ -17,7 +18,6 @@ from pathlib import Path
 import yaml
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from . import hub, masking, report, sources, templates, tiny
@@ -140,7 +140,7 @@ def load_model(recipe: Recipe, tokenizer):
         warnings.warn("trust_remote_code is true: the model repository's own Python code will run", stacklevel=2)
     kwargs = dict(revision=m.model_revision, trust_remote_code=recipe.sft.trust_remote_code, dtype=m.dtype or "auto",
                   attn_implementation=m.attn_implementation, quantization_config=quantization,
-                  device_map={"": PartialState().local_process_index} if quantization is not None else None)
+                  device_map=_quantized_device_map(quantization))
     model = hub.from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
         model.resize_token_embeddings(len(tokenizer))
@@ -150,6 +150,14 @@ def load_model(recipe: Recipe, tokenizer):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _quantized_device_map(quantization):
+    """A quantized model is placed on this process's GPU, except under ZeRO-3 / FSDP, which place it themselves."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    sharded = is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return None if quantization is None or sharded else {"": PartialState().local_process_index}
 
 
 # ---------------------------------------------------------------- trainer
@@ -165,6 +173,7 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
     trainer = SFTTrainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer),
                          callbacks=_callbacks(recipe))
+    _expose_head_bias(trainer.model)
     trainer.sft_stats = stats
     trainer.recipe = recipe
     return trainer
@@ -176,6 +185,14 @@ def _peft_config(recipe: Recipe, tokenizer):
     if config is not None and new and not config.trainable_token_indices:
         config.trainable_token_indices = new  # the template's new tokens must learn, and travel with the adapter
     return config
+
+
+def _expose_head_bias(model):
+    """TRL's fused loss reads `lm_head.weight` and `lm_head.bias`. PEFT's trainable-token wrapper of the LM head
+    (tied embeddings, or new tokens trained in the head) serves `weight` with the trained rows but has no `bias`."""
+    head = model.get_output_embeddings()
+    if type(head).__name__ == "TrainableTokensWrapper" and "bias" not in vars(head):
+        object.__setattr__(head, "bias", getattr(head.original_module, "bias", None))
 
 
 def _callbacks(recipe: Recipe):
@@ -243,13 +260,26 @@ def _resume_point(recipe: Recipe):
         return asked
     if recipe.data.overwrite_output_dir or not out.is_dir():
         return None
-    last = get_last_checkpoint(str(out))
+    last = _last_complete_checkpoint(out)
     if last:
         logger.warning("resuming from %s", last)
         return last
     if (out / "config.json").exists() or (out / "adapter_config.json").exists():
         raise RecipeError(f"output_dir {out} already holds a trained model; choose another output_dir "
                           "or set `overwrite_output_dir: true`")
+    return None
+
+
+def _last_complete_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint-N saved to the end. Its trainer_state.json is written last, so a run killed while
+    saving leaves a folder without it (or with it cut short): skipped, with a warning."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for folder in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            logger.warning("skipping %s: not saved to the end (the run stopped while saving it)", folder)
     return None
 
 

@@ -47,7 +47,7 @@ def test_eval_loss_falls_clearly(tiny_run):
     out, _, _ = tiny_run
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    print(f"eval loss: first {losses[0]:.3f}, last {losses[-1]:.3f}")
+    print(f"eval loss: untrained {losses[0]:.3f}, last {losses[-1]:.3f}")  # eval_on_start: step 0
     assert len(losses) >= 2 and losses[-1] < 0.6 * losses[0]
 
 

@@ -1,0 +1,240 @@
+"""Training mechanics a user relies on without seeing them: a packed batch scores every token exactly as the
+same rows unpacked; a LoRA adapter (with the template's new tokens) merges into a standalone model with the
+same outputs; a run killed mid-way resumes to the very same losses; early stopping stops; LoRA trains in two
+CPU processes. Everything uses the embedded tiny model and runs offline."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "recipes/tiny_alpaca.yaml"
+
+
+def command(module: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def losses_by_step(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+# ---------------------------------------------------------------- packing
+def per_token_losses(model, batch) -> torch.Tensor:
+    """Cross-entropy of every trained position, in order (row by row; a packed row holds the rows in order)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with torch.no_grad():
+        # use_cache=False as in training (TRL's loss passes it): with a cache, transformers does not derive the
+        # per-document mask from position_ids, and packed rows would attend to each other.
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    trained = labels != -100
+    return F.cross_entropy(logits[trained].float(), labels[trained], reduction="none")
+
+
+@pytest.fixture(scope="module")
+def masked_rows(tmp_path_factory):
+    """Four rows of the default task set as training sees them: tokenized, prompt masked to -100."""
+    from sft_recipes import build_datasets, load_recipe, load_tokenizer
+
+    recipe = load_recipe(TINY, eval_strategy="no", eval_split=0,
+                         output_dir=str(tmp_path_factory.mktemp("pack") / "none"))
+    tokenizer = load_tokenizer(recipe)
+    train_ds, _, _ = build_datasets(recipe, tokenizer)
+    return tokenizer, [train_ds[i] for i in range(4)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_score_every_token_as_unpacked(masked_rows, attention, tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_recipes import load_recipe
+    from sft_recipes.trainer import load_model
+
+    tokenizer, rows = masked_rows
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # the padded batch really pads
+    model = load_model(load_recipe(TINY, attn_implementation=attention, output_dir=str(tmp_path)), tokenizer).eval()
+    assert model.config._attn_implementation == attention
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows)
+    assert padded["input_ids"].shape[0] == len(rows) and "attention_mask" in padded
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [i for r in rows for i in range(len(r["input_ids"]))]
+
+    unpacked, together = per_token_losses(model, padded), per_token_losses(model, packed)
+    n_trained = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+    assert unpacked.numel() == together.numel() == n_trained > 0
+    torch.testing.assert_close(together, unpacked, rtol=0, atol=1e-4)
+
+    # Control: the same packed row without position_ids is one long document, and the scores move.
+    blended = per_token_losses(model, {k: v for k, v in packed.items() if k != "position_ids"})
+    assert (blended - unpacked).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- LoRA + merge
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """The tiny model trained with LoRA under ChatML, whose <|im_start|>/<|im_end|> are new tokens."""
+    from sft_recipes import load_recipe, train
+
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    trainer = train(load_recipe(TINY, chat_template="chatml", use_peft=True, lora_r=8, lora_alpha=16,
+                                lora_target_modules="all-linear", max_steps=6, per_device_train_batch_size=8,
+                                learning_rate=1e-2, eval_strategy="no", eval_split=0, output_dir=str(out),
+                                disable_tqdm=True))
+    return trainer, out
+
+
+def test_lora_adapter_merges_into_a_standalone_model_with_the_same_logits(lora_run, tmp_path):
+    trainer, adapter = lora_run
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    added = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["trainable_token_indices"]) == sorted(added)  # the new rows travel with the adapter
+    assert not (adapter / "model.safetensors").exists()
+
+    proc = command("sft_recipes.merge", str(adapter), "--output", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert merged_tokenizer.chat_template == tokenizer.chat_template and len(merged_tokenizer) == len(tokenizer)
+    assert {tokenizer.eos_token_id, added[1]} <= set(merged.generation_config.eos_token_id)
+
+    conversations = [[{"role": "user", "content": "Reverse the word.\n\nlemon"}, {"role": "assistant", "content": "nomel"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add the numbers: 3 + 4."}],
+                     [{"role": "user", "content": "Name the capital of the country: Peru."}]]
+    live = trainer.model.eval()
+    for messages in conversations:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=messages[-1]["role"] == "user",
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        assert set(added) <= set(ids[0].tolist())
+        with torch.no_grad():
+            want, got = live(input_ids=ids).logits, merged(input_ids=ids).logits
+            with live.disable_adapter():
+                before = live(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert (before - want).abs().max() > 1e-2  # the adapter changed the model: the equality means something
+
+
+def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
+    from sft_recipes import merge
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for folder in (tmp_path / "model", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exit_:
+            merge.main([str(folder), "--output", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(folder) in err and "adapter" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- kill and resume
+RESUME_ARGS = [TINY, "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10", "--eval_strategy", "no",
+               "--logging_steps", "1", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]
+
+
+def _wait_for_checkpoint(proc, checkpoint: Path, timeout: float = 400) -> None:
+    """Until the checkpoint's trainer_state.json (written last) is complete JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return
+        except (OSError, ValueError):
+            assert proc.poll() is None, f"the run ended before {checkpoint.name} (rc {proc.returncode})"
+            time.sleep(0.1)
+    raise AssertionError(f"no {checkpoint} after {timeout} s")
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = command("sft_recipes.run", *RESUME_ARGS, "--output_dir", str(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "sft_recipes.run", *RESUME_ARGS, "--output_dir", str(killed)],
+                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_checkpoint(first, killed / "checkpoint-20")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
+    assert not (killed / "config.json").exists()  # it really died mid-run
+
+    proc = command("sft_recipes.run", *RESUME_ARGS, "--output_dir", str(killed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "checkpoint-" in proc.stderr
+
+    want, got = losses_by_step(straight), losses_by_step(killed)
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    """A kill while saving leaves checkpoint-N without trainer_state.json (saved last): resume from the one before."""
+    from sft_recipes import load_recipe
+    from sft_recipes.trainer import _resume_point
+
+    out = tmp_path / "run"
+    (out / "checkpoint-20").mkdir(parents=True)
+    (out / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    (out / "checkpoint-30").mkdir()
+    (out / "checkpoint-30" / "model.safetensors").write_bytes(b"")
+    assert Path(_resume_point(load_recipe(TINY, output_dir=str(out)))) == out / "checkpoint-20"
+
+
+# ---------------------------------------------------------------- early stopping
+def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
+    from sft_recipes import load_recipe, train
+
+    max_steps = 20
+    trainer = train(load_recipe(
+        TINY, max_steps=max_steps, learning_rate=5.0, warmup_steps=0, lr_scheduler_type="constant",  # diverges
+        early_stopping_patience=1, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        load_best_model_at_end=True, save_only_model=True, per_device_train_batch_size=8, eval_split=0.01,
+        logging_steps=1, disable_tqdm=True, output_dir=str(tmp_path / "es")))
+    state = trainer.state
+    end = next(i for i, h in enumerate(state.log_history) if "train_runtime" in h)  # then comes the final eval
+    evals = {h["step"]: h["eval_loss"] for h in state.log_history[:end] if "eval_loss" in h}
+    assert state.global_step < max_steps
+    # patience 1, evaluation every step: it stops at the first evaluation that is no better than the best
+    assert state.global_step == state.best_global_step + 1
+    assert evals[state.global_step] >= state.best_metric == min(evals.values())
+    # ... and the best model is the one kept and saved
+    final = json.loads((tmp_path / "es" / "sft_run.json").read_text())["metrics"]["eval_loss"]
+    assert final == pytest.approx(state.best_metric, rel=1e-5)
+
+
+# ---------------------------------------------------------------- two processes
+def test_two_cpu_processes_train_a_lora_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "mp"
+    proc = command("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "sft_recipes.run", TINY,
+                   "--use_peft", "true", "--lora_target_modules", "all-linear", "--max_steps", "3",
+                   "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--disable_tqdm", "true",
+                   "--output_dir", str(out), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in proc.stderr
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and any(w.abs().max() > 0 for w in lora_b)  # LoRA B starts at zero: nonzero means it trained
