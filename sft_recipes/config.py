@@ -105,6 +105,8 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path or 'arguments'}: {e}") from None
     _unknown(from_yaml, parser, path or "recipe")
     _unknown(from_cli, parser, "command line")
+    if sft.eval_strategy == "no":
+        sft.eval_on_start = False  # no evaluation means none at all, even if the recipe asked for one at start
     recipe = Recipe(data=data, model=model, sft=sft, path=path)
     _check_values(recipe)
     return recipe

@@ -209,6 +209,7 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
     trainer = train(load_recipe(
         TINY, max_steps=max_steps, learning_rate=5.0, warmup_steps=0, lr_scheduler_type="constant",  # diverges
         early_stopping_patience=1, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        eval_on_start=False,  # a step-0 eval has no checkpoint, so it can't be the best model kept
         load_best_model_at_end=True, save_only_model=True, per_device_train_batch_size=8, eval_split=0.01,
         logging_steps=1, disable_tqdm=True, output_dir=str(tmp_path / "es")))
     state = trainer.state
