@@ -1,11 +1,13 @@
 """The embedded offline default: a small Alpaca task set and a tiny GPT-2 built locally from it.
 
-`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json.
+`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json (the shipped
+file; this generator documents how it was made). `tiny_model_path()` builds the model on first use.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import random
 import shutil
@@ -15,16 +17,18 @@ from pathlib import Path
 
 TINY_MODEL_ID = "tiny:gpt2"
 DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
-# Everything that shapes the built model; part of the cache hash so any edit rebuilds.
-# Whitespace is isolated into its own token so a word is one token wherever it stands
-# (GPT-2's " word" vs "word" split would make even copying a lookup for a tiny model).
-TOKENIZER_SETTINGS = {"vocab_size": 3000, "min_frequency": 2, "model_max_length": 512,
-                      "isolate": r"\s"}
-MODEL_CONFIG = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512, "seed": 1234,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # no dropout: too few steps
+# Everything that shapes the built model is in these two dicts, which go into the cache hash
+# with the training text, so any edit rebuilds; bump "build" when _build() itself changes.
+# Whitespace is isolated into its own token so a word is one token wherever it stands:
+# GPT-2's " word" vs "word" split would turn even copying into a lookup for a tiny model.
+# vocab_size is a cap: this corpus yields ~1.2k tokens at min_frequency 2.
+TOKENIZER_SETTINGS = {"build": 1, "vocab_size": 2048, "min_frequency": 2,
+                      "model_max_length": 512, "isolate": r"\s"}
+# No dropout: the default recipe trains for too few steps to overfit.
+MODEL_CONFIG = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "seed": 1234}
 
 WORDS = ("apple banana cherry grape lemon mango melon peach orange plum river ocean cloud "
          "storm forest garden window table chair pencil rocket planet silver golden purple "
@@ -42,41 +46,43 @@ PLURALS = {"cat": "cats", "box": "boxes", "child": "children", "mouse": "mice", 
            "man": "men", "dog": "dogs", "knife": "knives", "story": "stories", "goose": "geese"}
 
 
-def _nums(rng, k, top):
-    return [rng.randint(0, top) for _ in range(k)]
+def _word(r):
+    return r.choice(WORDS)
 
 
-# Each task: (phrasings, argument maker, answer function of the argument).
+def _items(lo, hi):
+    return lambda r: ", ".join(r.sample(WORDS, r.randint(lo, hi)))
+
+
+# Each task: (phrasings, argument maker, answer as a function of the argument).
 TASKS = [
     (["Reverse the word", "Write the word backwards", "Spell the word in reverse"],
-     lambda r: r.choice(WORDS), lambda a: a[::-1]),
+     _word, lambda a: a[::-1]),
     (["Sort the letters of the word", "Put the letters in alphabetical order"],
-     lambda r: r.choice(WORDS), lambda a: "".join(sorted(a))),
+     _word, lambda a: "".join(sorted(a))),
     (["Sort the numbers", "Sort the numbers from smallest to largest"],
-     lambda r: " ".join(map(str, _nums(r, r.randint(3, 5), 30))),
+     lambda r: " ".join(str(r.randint(0, 30)) for _ in range(r.randint(3, 5))),
      lambda a: " ".join(map(str, sorted(map(int, a.split()))))),
-    (["Convert to uppercase", "Write the text in capital letters"],
-     lambda r: r.choice(WORDS), str.upper),
-    (["Convert to lowercase", "Write the text in small letters"],
-     lambda r: r.choice(WORDS).upper(), str.lower),
+    (["Convert to uppercase", "Write the text in capital letters"], _word, str.upper),
+    (["Convert to lowercase", "Write the text in small letters"], lambda r: _word(r).upper(), str.lower),
     (["Add the numbers", "What is the sum of the numbers"],
-     lambda r: "{} + {}".format(*_nums(r, 2, 12)), lambda a: str(sum(map(int, a.split(" + "))))),
+     lambda r: f"{r.randint(0, 12)} + {r.randint(0, 12)}", lambda a: str(sum(map(int, a.split(" + "))))),
     (["Subtract the second number from the first", "What is the difference"],
-     lambda r: "{} - {}".format(*sorted(_nums(r, 2, 20), reverse=True)),
-     lambda a: str(int(a.split(" - ")[0]) - int(a.split(" - ")[1]))),
+     lambda r: "{} - {}".format(*sorted((r.randint(0, 20), r.randint(0, 20)), reverse=True)),
+     lambda a: str(operator.sub(*map(int, a.split(" - "))))),  # larger first: no negatives
     (["Name the capital of the country", "What is the capital city of the country"],
      lambda r: r.choice(sorted(CAPITALS)), CAPITALS.get),
     (["Give the opposite of the word", "What is the opposite of the word"],
      lambda r: r.choice(sorted(OPPOSITES)), OPPOSITES.get),
     (["Give the plural of the word", "Write the plural form"],
      lambda r: r.choice(sorted(PLURALS)), PLURALS.get),
-    (["Repeat the word", "Copy the word exactly"], lambda r: r.choice(WORDS), lambda a: a),
+    (["Repeat the word", "Copy the word exactly"], _word, lambda a: a),
     (["Give the first item of the list", "What is the first item in the list"],
-     lambda r: ", ".join(r.sample(WORDS, r.randint(2, 5))), lambda a: a.split(", ")[0]),
+     _items(2, 5), lambda a: a.split(", ")[0]),
     (["Give the last item of the list", "What is the last item in the list"],
-     lambda r: ", ".join(r.sample(WORDS, r.randint(2, 5))), lambda a: a.split(", ")[-1]),
+     _items(2, 5), lambda a: a.split(", ")[-1]),
     (["Count the items", "How many items are in the list"],
-     lambda r: ", ".join(r.sample(WORDS, r.randint(1, 7))), lambda a: str(len(a.split(", ")))),
+     _items(1, 7), lambda a: str(len(a.split(", ")))),
 ]
 
 
@@ -90,13 +96,12 @@ def _row(rng: random.Random, task: tuple) -> dict:
 
 
 def generate_tasks(n: int = 2500, seed: int = 0) -> list[dict]:
-    """`n` distinct Alpaca rows, same list for the same (n, seed)."""
+    """`n` distinct Alpaca rows (fewer if the tasks run out); the same list for the same args."""
     rng, rows, seen = random.Random(seed), [], set()
     for i in range(100 * n):  # bounded: small lookup tables saturate quickly
         row = _row(rng, TASKS[i % len(TASKS)])  # round-robin keeps the mix balanced
-        key = (row["instruction"], row["input"])
-        if key not in seen:
-            seen.add(key)
+        if (row["instruction"], row["input"]) not in seen:
+            seen.add((row["instruction"], row["input"]))
             rows.append(row)
             if len(rows) == n:
                 break
@@ -108,11 +113,10 @@ def _dump(rows: list[dict]) -> str:
 
 
 def _training_texts() -> list[str]:
-    """What the tokenizer learns from: shipped tasks in the Alpaca layout, plus chat templates."""
+    """Tokenizer corpus: the shipped tasks in Alpaca layout (generated if the file isn't there)."""
     tasks = DATA_FILE.read_text("utf-8") if DATA_FILE.exists() else _dump(generate_tasks())
-    texts = [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n"
-             f"### Response:\n{r['output']}" for r in json.loads(tasks)]
-    return texts + [p.read_text("utf-8") for p in sorted(TEMPLATES_DIR.glob("*.jinja"))]
+    return [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n"
+            f"### Response:\n{r['output']}" for r in json.loads(tasks)]
 
 
 def _build(texts: list[str], out: Path) -> None:
@@ -120,20 +124,18 @@ def _build(texts: list[str], out: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+    s = TOKENIZER_SETTINGS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(TOKENIZER_SETTINGS["isolate"]), behavior="isolated"),
+        pre_tokenizers.Split(Regex(s["isolate"]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_SETTINGS["vocab_size"], min_frequency=TOKENIZER_SETTINGS["min_frequency"],
-        special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
-        model_max_length=TOKENIZER_SETTINGS["model_max_length"])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=s["vocab_size"], min_frequency=s["min_frequency"], special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
+                                     pad_token=PAD, model_max_length=s["model_max_length"])
     cfg = {k: v for k, v in MODEL_CONFIG.items() if k != "seed"}
     config = GPT2Config(vocab_size=len(hf_tok), bos_token_id=hf_tok.bos_token_id,
                         eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, **cfg)
@@ -153,6 +155,7 @@ def tiny_model_path() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     print(f"building the tiny model once: {target}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         _build(texts, tmp)
         os.rename(tmp, target)  # atomic; fails if another process got there first
@@ -165,8 +168,7 @@ def tiny_model_path() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["--write-data"]:
+    if (sys.argv[1:] if argv is None else argv) != ["--write-data"]:
         sys.exit("usage: python -m sft_recipes.tiny --write-data")
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
     DATA_FILE.write_text(_dump(generate_tasks()), "utf-8")

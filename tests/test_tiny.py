@@ -1,0 +1,24 @@
+"""The embedded default's pieces: the shipped task file is exactly what the generator writes, and the
+tiny model builds once, offline, into something transformers loads."""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft_recipes import tiny
+
+
+def test_shipped_task_file_is_what_the_generator_writes():
+    assert tiny._dump(tiny.generate_tasks()) == tiny.DATA_FILE.read_text(encoding="utf-8")
+
+
+def test_tasks_mix_rows_with_and_without_input():
+    rows = tiny.generate_tasks()
+    with_input = sum(bool(r["input"]) for r in rows)
+    assert 0.3 < with_input / len(rows) < 0.7
+    assert all(r["instruction"] and r["output"] for r in rows)
+
+
+def test_tiny_model_loads_offline_with_a_pad_distinct_from_eos():
+    path = tiny.tiny_model_path()
+    assert tiny.tiny_model_path() == path  # cached: the second call builds nothing
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.vocab_size >= len(tokenizer)
