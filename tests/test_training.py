@@ -239,3 +239,20 @@ def test_two_cpu_processes_train_a_lora_adapter(tmp_path):
     weights = load_file(out / "adapter_model.safetensors")
     lora_b = [w for name, w in weights.items() if "lora_B" in name]
     assert lora_b and any(w.abs().max() > 0 for w in lora_b)  # LoRA B starts at zero: nonzero means it trained
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_recipe_and_seed_give_the_same_data_and_the_same_losses(tmp_path):
+    from sft_recipes import load_recipe, train
+    from sft_recipes.trainer import load_tokenizer, masked_datasets
+
+    def run(name):
+        recipe = load_recipe(TINY, max_steps=4, logging_steps=1, eval_strategy="no", eval_split=0,
+                             per_device_train_batch_size=8, disable_tqdm=True, output_dir=str(tmp_path / name))
+        data, _, _ = masked_datasets(recipe, load_tokenizer(recipe))
+        losses = [h["loss"] for h in train(recipe).state.log_history if "loss" in h]
+        return data._fingerprint, losses
+
+    first, second = run("a"), run("b")
+    assert first[0] == second[0]  # the processed dataset: same fingerprint, so the same cache
+    assert len(first[1]) == 4 and first[1] == second[1]  # the loss curve, bit for bit on CPU
