@@ -256,3 +256,24 @@ def test_same_recipe_and_seed_give_the_same_data_and_the_same_losses(tmp_path):
     first, second = run("a"), run("b")
     assert first[0] == second[0]  # the processed dataset: same fingerprint, so the same cache
     assert len(first[1]) == 4 and first[1] == second[1]  # the loss curve, bit for bit on CPU
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "sft_recipes.run", TINY, "--max_steps", "5000", "--eval_strategy", "no",
+           "--logging_steps", "1", "--per_device_train_batch_size", "8", "--output_dir", str(out)]
+    log = tmp_path / "term.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sink, stderr=sink, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and "'loss'" not in log.read_text():  # training has begun
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    stderr = log.read_text()
+    assert proc.returncode == 2 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    saved = sorted(out.glob("checkpoint-*"))
+    assert saved and (saved[-1] / "trainer_state.json").is_file()
+    step = int(saved[-1].name.split("-")[1])
+    again = subprocess.run(cmd[:5] + [str(step + 2)] + cmd[6:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"resuming from {saved[-1]}" in again.stderr
