@@ -27,6 +27,7 @@ DATASETS = [("alpaca_en_demo", "alpaca_en_demo.json", None, False),
             ("glaive x10k", GLAIVE, 10_000, True),
             ("glaive x100k", GLAIVE, 100_000, True)]
 AGREEMENT_ROWS = 2000  # rows whose tokens and labels are compared between the two sides
+REPS = 3
 
 
 def plan(quick: bool) -> list[tuple]:
@@ -47,22 +48,24 @@ def run(quick: bool) -> list[dict]:
 
     datasets.disable_caching()  # every timed map computes; nothing is a cache hit
     try:
-        tokenizer, opts = load_tokenizer()
-        reps = 3
-        figures = []
-        for label, file, rows, multi, procs in plan(quick):
-            path, why = data_file(file)
-            if path is None:
-                figures.append(skipped(SECTION, label, why))
-                continue
-            ds = canonical(path, rows)
-            if not figures or all(f["value"] is None for f in figures):
-                warm_up(ds, tokenizer, opts)
-            for num_proc in procs:
-                figures.append(compare(label, ds, tokenizer, opts, num_proc, reps, multi))
+        figures = speed(quick)
     finally:
         datasets.enable_caching()
-    figures += [cache_hit(stage) for stage in STAGES]
+    return figures + cache_hits()
+
+
+def speed(quick: bool) -> list[dict]:
+    tokenizer, opts = load_tokenizer()
+    figures = []
+    for label, file, rows, multi, procs in plan(quick):
+        path, why = data_file(file)
+        if path is None:
+            figures.append(skipped(SECTION, label, why))
+            continue
+        ds = canonical(path, rows)
+        if all(f["value"] is None for f in figures):  # before the first timed comparison
+            warm_up(ds, tokenizer, opts)
+        figures += [compare(label, ds, tokenizer, opts, num_proc, REPS, multi) for num_proc in procs]
     return figures
 
 
@@ -169,32 +172,34 @@ def _print(fig):
 
 
 # ---------------------------------------------------------------- cache hit
-STAGES = {"tokenize": "load_conversations -> masking.tokenize",
-          "build_datasets": "trainer.build_datasets (adds row stats and the refused-row filter)"}
-
-
-def cache_hit(stage: str, rows: int = 10_000) -> dict:
-    """Time the same preparation of glaive replicated to `rows` in two fresh processes sharing a fresh
-    datasets cache: the second should be nearly free."""
-    name = f"cache hit, {STAGES[stage]}: second identical run / first (glaive x{rows // 1000}k)"
+def cache_hits(rows: int = 10_000) -> list[dict]:
+    """Run `trainer.build_datasets` on glaive replicated to `rows` in two fresh processes sharing a fresh
+    datasets cache: the second should be nearly free. Reported for the whole call and for the part spent in
+    `load_conversations` and `masking.tokenize`."""
+    names = {"tokenize": f"cache hit, load_conversations -> masking.tokenize (glaive x{rows // 1000}k)",
+             "build": f"cache hit, whole trainer.build_datasets (glaive x{rows // 1000}k)"}
     path, why = data_file(GLAIVE)
     if path is None:
-        return skipped(SECTION, name, why)
+        return [skipped(SECTION, name, why) for name in names.values()]
     cache = tempfile.mkdtemp(prefix="sft_bench_cache_")
     try:
         with env(HF_DATASETS_CACHE=cache):
-            first, second = (_run_in_fresh_process(stage, path, rows) for _ in range(2))
+            first, second = (_run_in_fresh_process(path, rows) for _ in range(2))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return [_cache_figure(name, first[key], second[key]) for key, name in names.items()]
+
+
+def _cache_figure(name, first, second) -> dict:
     fraction = second / first
-    fig = figure(SECTION, name, round(100 * fraction, 1), "%", goal="< 5 %", met=fraction < 0.05,
-                 first_s=round(first, 3), second_s=round(second, 3))
-    print(f"[{SECTION}] {name}: {fig['value']} % ({second:.2f} s / {first:.2f} s)", flush=True)
+    fig = figure(SECTION, f"{name}: second identical run / first", round(100 * fraction, 1), "%", goal="< 5 %",
+                 met=fraction < 0.05, first_s=round(first, 3), second_s=round(second, 3))
+    print(f"[{SECTION}] {fig['name']}: {fig['value']} % ({second:.2f} s / {first:.2f} s)", flush=True)
     return fig
 
 
-def _run_in_fresh_process(stage, path, rows) -> float:
-    worker = Worker(_Preparation, stage, str(path), rows)
+def _run_in_fresh_process(path, rows) -> dict:
+    worker = Worker(_Preparation, str(path), rows)
     try:
         worker.ready()
         return worker.call()
@@ -203,18 +208,31 @@ def _run_in_fresh_process(stage, path, rows) -> float:
 
 
 class _Preparation:
-    """In a worker: the tokenizer is loaded up front; a call times the data preparation a rerun redoes."""
+    """In a worker: the tokenizer is loaded up front; a call times `build_datasets`, and the time spent
+    inside `load_conversations` and `masking.tokenize` (wrapped with a stopwatch)."""
 
-    def __init__(self, stage, path, rows):
-        self.stage, self.path, self.rows = stage, path, rows
-        self.tokenizer, self.opts = load_tokenizer()
+    def __init__(self, path, rows):
+        from sft_recipes import masking, sources
+
+        self.recipe = recipe(datasets=[spec(path, rows)])
+        self.tokenizer, _ = load_tokenizer()
+        self.inner = []
+        for module, name in ((sources, "load_conversations"), (masking, "tokenize")):
+            setattr(module, name, _stopwatch(getattr(module, name), self.inner))
 
     def __call__(self):
-        from sft_recipes import masking, trainer
+        from sft_recipes import trainer
 
         start = time.perf_counter()
-        if self.stage == "tokenize":
-            masking.tokenize(canonical(self.path, self.rows), self.tokenizer, self.opts)
-        else:
-            trainer.build_datasets(recipe(datasets=[spec(self.path, self.rows)]), self.tokenizer)
-        return time.perf_counter() - start
+        trainer.build_datasets(self.recipe, self.tokenizer)
+        return {"build": time.perf_counter() - start, "tokenize": sum(self.inner)}
+
+
+def _stopwatch(fn, seconds: list):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+    return timed

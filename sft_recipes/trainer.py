@@ -108,17 +108,17 @@ def masked_datasets(recipe: Recipe, tokenizer):
 
 
 def _stats(ds, drops: Counter) -> dict:
+    c = ds.select_columns(["drop", "detail", "n_tokens", "n_trained", "truncated"]).to_dict()  # one read
     refused, examples = Counter(), {}
-    for reason, detail in zip(ds["drop"], ds["detail"]):
+    for reason, detail in zip(c["drop"], c["detail"]):
         if reason:
             refused[reason] += 1
             if refused[reason] <= 3:
                 examples.setdefault(reason, []).append(detail)
-    kept = [i for i, r in enumerate(ds["drop"]) if r is None]
-    n_tokens = sum(ds["n_tokens"][i] for i in kept)
-    n_trained = sum(ds["n_trained"][i] for i in kept)
+    kept = [i for i, reason in enumerate(c["drop"]) if reason is None]
+    n_tokens, n_trained = sum(c["n_tokens"][i] for i in kept), sum(c["n_trained"][i] for i in kept)
     return {"rows": len(kept), "dropped": dict(drops), "refused": dict(refused.most_common()), "examples": examples,
-            "truncated": sum(ds["truncated"]), "tokens": n_tokens, "trained_tokens": n_trained,
+            "truncated": sum(c["truncated"]), "tokens": n_tokens, "trained_tokens": n_trained,
             "trained_fraction": n_trained / max(n_tokens, 1)}
 
 
