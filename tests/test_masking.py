@@ -247,8 +247,9 @@ def first_batch(tmp_path, **overrides):
 
 
 def test_trainer_batches_carry_our_labels(tmp_path, labels_of):
+    from sft_recipes.config import load_recipe
     batch = first_batch(tmp_path)
-    assert len(batch["input_ids"]) == 32  # per_device_train_batch_size in the recipe
+    assert len(batch["input_ids"]) == load_recipe(str(TINY_RECIPE)).sft.per_device_train_batch_size
     for ids, labels, attention in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
                                       batch["attention_mask"].tolist()):
         real = [k for k, a in enumerate(attention) if a]
