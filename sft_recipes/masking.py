@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import pyarrow as pa
 from datasets import Dataset, Features, List, Value
+from datasets.fingerprint import Hasher
 
 from . import templates
 
@@ -25,6 +28,7 @@ FEATURES = Features({
     "drop": Value("string"), "detail": Value("string"),
     "n_tokens": Value("int32"), "n_trained": Value("int32"), "truncated": Value("bool"),
 })
+ARROW = FEATURES.arrow_schema
 
 
 @dataclass
@@ -42,24 +46,53 @@ def tokenize(ds: Dataset, tokenizer, opts: MaskOptions, *, num_proc=None, desc="
     """Map canonical rows (messages/tools/text) to token columns; refused rows carry `drop`."""
     if not tokenizer.is_fast:
         raise ValueError("sft_recipes needs a fast tokenizer (character offsets)")
-    return ds.map(_tokenize_batch, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
-                  fn_kwargs={"tokenizer": tokenizer, "opts": opts}, features=Features({**ds.features, **FEATURES}))
+    # Arrow in, Arrow out: the conversations pass through as they are (no cast back to `features`, most of
+    # the cost on long multi-turn rows) and the token columns are appended as typed Arrow arrays.
+    out = ds.with_format("arrow").map(
+        _tokenize_table, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
+        fn_kwargs={"tokenizer": tokenizer, "opts": opts}, new_fingerprint=fingerprint(ds, tokenizer, opts),
+        features=Features({**ds.features, **FEATURES}) if len(ds) == 0 else None)
+    return out.with_format(None)
 
 
-def _tokenize_batch(batch, tokenizer, opts: MaskOptions):
+def fingerprint(ds: Dataset, tokenizer, opts: MaskOptions) -> str:
+    """The cache key of `tokenize`: what goes in and the code that runs. `datasets` would otherwise
+    pickle the whole tokenizer object to hash it, most of a second on every call."""
+    code = [(Path(__file__).parent / f).read_text() for f in ("masking.py", "templates.py")]
+    return Hasher.hash([ds._fingerprint, asdict(opts), code, tokenizer.backend_tokenizer.to_str(),
+                        tokenizer.special_tokens_map, type(tokenizer).__name__])
+
+
+def _tokenize_table(table: pa.Table, tokenizer, opts: MaskOptions) -> pa.Table:
+    rows = _tokenize_rows(*(table.column(c).to_pylist() for c in ("messages", "tools", "text")), tokenizer, opts)
+    table = table.drop_columns([k for k in FEATURES if k in table.column_names])
+    for field in ARROW:
+        table = table.append_column(field, pa.array([row[field.name] for row in rows], type=field.type))
+    return table
+
+
+def _tokenize_rows(conversations, tool_lists, texts, tokenizer, opts: MaskOptions) -> list[dict]:
     specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
     added = _added_tokens_re(tokenizer)
     prepared = [_prepare(msgs, tools, text, opts, specials, added, tokenizer.eos_token or "")
-                for msgs, tools, text in zip(batch["messages"], batch["tools"], batch["text"])]
-    enc = tokenizer([p[0] for p in prepared], add_special_tokens=False, return_offsets_mapping=True,
-                    verbose=False)  # long rows are our truncation policy's job, not a warning
+                for msgs, tools, text in zip(conversations, tool_lists, texts)]
+    encodings = _backend(tokenizer).encode_batch([p[0] for p in prepared], add_special_tokens=False)
     special = set(tokenizer.all_special_ids)
-    rows = [_label_row(*p, ids, offsets, opts, special) for p, ids, offsets in
-            zip(prepared, enc["input_ids"], enc["offset_mapping"])]
+    rows = [_label_row(*p, e.ids, e.offsets, opts, special) for p, e in zip(prepared, encodings)]
     if opts.verify and not opts.train_on_inputs:
         _verify_decoding(rows, prepared, tokenizer)
-    rows = [_truncate(row, opts) if row["drop"] is None else row for row in rows]
-    return {k: [row[k] for row in rows] for k in FEATURES}
+    return [_truncate(row, opts) if row["drop"] is None else row for row in rows]
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer, reset as `tokenizer(...)` would reset it (no padding, no truncation: long
+    rows are our truncation policy's job), without the wrapper's per-row Python conversion."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()
+    return backend
 
 
 def _prepare(messages, tools, text, opts, specials, added, eos):
@@ -187,7 +220,7 @@ def _truncate(row, opts):
             return {**row, "drop": "longer_than_max_length", "detail": f"{cut} tokens > max_length {limit}"}
         fits = [b for _, b, _, _ in row["_bounds"] if b <= limit]
         cut = max(fits, default=0) if opts.truncation == "turn_boundary" else limit
-    n_trained = sum(label != -100 for label in labels[:cut])
+    n_trained = sum(max(0, min(b, cut) - a) for a, b, _, _ in row["_bounds"])  # runs are disjoint
     if n_trained == 0:
         why = "no_trained_tokens_after_truncation" if cut < len(ids) else "no_trained_tokens"
         return {**row, "drop": why, "detail": f"{len(ids)} tokens, max_length {limit}"}
