@@ -142,7 +142,7 @@ def compare(label, ds, tokenizer, opts, num_proc, reps, multi_turn) -> dict:
         def go():
             with _children_quiet(num_proc):
                 start = time.perf_counter()
-                outputs[name] = fn(ds, tokenizer, opts, num_proc)
+                outputs[name] = fn(ds, tokenizer, opts, in_process_if_one(num_proc))
                 return time.perf_counter() - start
         return go
 
@@ -157,6 +157,12 @@ def compare(label, ds, tokenizer, opts, num_proc, reps, multi_turn) -> dict:
                  else None)
     _print(fig)
     return fig
+
+
+def in_process_if_one(num_proc):
+    """One process means in this process: `datasets` 5.2 runs num_proc=1 in a one-worker pool (the recipe
+    loader maps dataset_num_proc 1 to None for the same reason)."""
+    return num_proc if num_proc > 1 else None
 
 
 def _children_quiet(num_proc):

@@ -10,7 +10,6 @@ trained on.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def tokenize(ds: Dataset, tokenizer, opts: MaskOptions, *, num_proc=None, desc="
     # Arrow in, Arrow out: the conversations pass through as they are (no cast back to `features`, most of
     # the cost on long multi-turn rows) and the token columns are appended as typed Arrow arrays.
     out = ds.with_format("arrow").map(
-        _tokenize_table, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
+        _tokenize_table, batched=True, batch_size=1000, num_proc=num_proc, desc=desc,
         fn_kwargs={"tokenizer": tokenizer, "opts": opts}, new_fingerprint=fingerprint(ds, tokenizer, opts),
         features=Features({**ds.features, **FEATURES}) if len(ds) == 0 else None)
     return out.with_format(None)
@@ -78,7 +77,7 @@ def _tokenize_rows(conversations, tool_lists, texts, tokenizer, opts: MaskOption
                 for msgs, tools, text in zip(conversations, tool_lists, texts)]
     encodings = _backend(tokenizer).encode_batch([p[0] for p in prepared], add_special_tokens=False)
     special = set(tokenizer.all_special_ids)
-    rows = [_label_row(*p, e.ids, e.offsets, opts, special) for p, e in zip(prepared, encodings)]
+    rows = [_label_row(*p, e, opts, special) for p, e in zip(prepared, encodings)]
     if opts.verify and not opts.train_on_inputs:
         _verify_decoding(rows, prepared, tokenizer)
     return [_truncate(row, opts) if row["drop"] is None else row for row in rows]
@@ -158,25 +157,25 @@ def _pieces(m):
     return [content] if content.strip() else []
 
 
-def _label_row(text, trained, untrained, reason, ids, offsets, opts, special_ids):
+def _label_row(text, trained, untrained, reason, enc, opts, special_ids):
+    ids = enc.ids
     row = {"input_ids": ids, "labels": [-100] * len(ids), "drop": None, "detail": None,
            "n_tokens": len(ids), "n_trained": 0, "truncated": False, "_bounds": []}
     if reason:
         return {**row, "drop": reason[0], "detail": reason[1]}
     labels, bounds = row["labels"], row["_bounds"]
     for is_turn, (s, e) in trained:
-        # Tokens wholly inside [s, e) form one run [a, b); offsets are sorted by start.
-        a = bisect_left(offsets, (s, -1))
-        b = bisect_left(offsets, (e, -1), lo=a)
-        while b > a and offsets[b - 1][1] > e:
-            b -= 1
-        straddle = (a > 0 and offsets[a - 1][1] > s) or (b < len(offsets) and offsets[b][0] < e)
-        if opts.verify and straddle:
-            tok = offsets[a - 1] if a > 0 and offsets[a - 1][1] > s else offsets[b]
+        # Tokens wholly inside [s, e) form one run [a, b).
+        a, b = _first_token_from(enc, s, len(text), len(ids)), _first_token_from(enc, e, len(text), len(ids))
+        cut = [t for t, at in ((a, s), (b, e)) if t < len(ids) and enc.token_to_chars(t)[0] < at]
+        if opts.verify and cut:
+            start, end = enc.token_to_chars(cut[0])
             return {**row, "drop": "token_crosses_turn_boundary",
-                    "detail": f"token {text[tok[0]:tok[1]]!r} straddles a turn boundary"}
+                    "detail": f"token {text[start:end]!r} straddles a turn boundary"}
+        if a in cut:  # unverified: the straddling first token stays untrained
+            a = min(a + 1, b)
         if opts.verify and not opts.train_on_inputs and (
-                a == b or offsets[a][0] != s or offsets[b - 1][1] != e):
+                a >= b or enc.token_to_chars(a)[0] != s or enc.token_to_chars(b - 1)[1] != e):
             return {**row, "drop": "trained_span_not_token_aligned",
                     "detail": f"tokens do not cover {text[s:e][:40]!r} exactly"}
         if opts.verify and is_turn and not _ends_turn(text[s:e], ids[b - 1] if b > a else None, opts, special_ids):
@@ -188,6 +187,19 @@ def _label_row(text, trained, untrained, reason, ids, offsets, opts, special_ids
         if any(s < be and bs < e for _, _, bs, be in bounds):
             return {**row, "drop": "trained_token_in_untrained_turn", "detail": f"message {i} overlaps a trained span"}
     return row
+
+
+def _first_token_from(enc, pos, end, n):
+    """The first token covering a character at or after `pos` (n if none): tokens [a, b) with a and b
+    taken at a span's start and end are the ones inside it, unless the token at a or b starts before
+    its position and so straddles the boundary. Asking the encoding's own index per span is much
+    cheaper than turning every token's offsets into Python tuples."""
+    while pos < end:
+        token = enc.char_to_token(pos)
+        if token is not None:
+            return token
+        pos += 1  # a character no token covers (e.g. whitespace a pre-tokenizer drops)
+    return n
 
 
 def _verify_decoding(rows, prepared, tokenizer):
