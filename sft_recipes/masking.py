@@ -48,7 +48,7 @@ def tokenize(ds: Dataset, tokenizer, opts: MaskOptions, *, num_proc=None, desc="
     # Arrow in, Arrow out: the conversations pass through as they are (no cast back to `features`, most of
     # the cost on long multi-turn rows) and the token columns are appended as typed Arrow arrays.
     out = ds.with_format("arrow").map(
-        _tokenize_table, batched=True, batch_size=1000, num_proc=num_proc, desc=desc,
+        _tokenize_table, batched=True, batch_size=256, num_proc=num_proc, desc=desc,
         fn_kwargs={"tokenizer": tokenizer, "opts": opts}, new_fingerprint=fingerprint(ds, tokenizer, opts),
         features=Features({**ds.features, **FEATURES}) if len(ds) == 0 else None)
     return out.with_format(None)

@@ -55,7 +55,7 @@ def print_summary(trainer, console: Console | None = None):
 
 def packing_note(args) -> str | None:
     """TRL's padding-free packing joins a step's blocks into one row; on CPU its attention is computed
-    over the whole row (benchmarks/: batch 8 packed ran at 0.55x padded, batch 1 at 1.4x)."""
+    over the whole row (benchmarks/: packed batch 8 ran at about 0.5x padded, packed batch 1 at 1.3-1.4x)."""
     n = args.per_device_train_batch_size
     if not args.packing or n == 1 or args.device.type != "cpu":
         return None
