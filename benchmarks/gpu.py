@@ -1,6 +1,7 @@
 """GPU training (only where CUDA is available): GPT-2 124M architecture, random init, real GPT-2 tokenizer
-with the chatml tokens, alpaca_en_demo masked by sft_recipes, bf16 autocast, TRL packing (bfd, padding-free)
-at max_length 1024, batch 8. sdpa vs flash attention 2 (when installed), LoRA vs full fine-tuning.
+with the chatml tokens, alpaca_en_demo masked by sft_recipes, bf16 autocast, TRL packing (bfd) at max_length
+1024, batch 8, through sft_recipes' trainer (packed blocks kept as rows on sdpa, one padding-free row on
+flash-attn-2). sdpa vs flash attention 2 (when installed), LoRA vs full fine-tuning.
 
 MFU = model FLOPs/s over the device's dense bf16 peak, with model FLOPs = 6·N per processed token for full
 training and 4·N with LoRA (frozen weights get no weight gradients); attention FLOPs are not counted, so MFU
@@ -63,15 +64,15 @@ def pretokenize(data_path, out: Path) -> str:
 
 
 class GpuTrainer:
-    """In a worker: a randomly initialised GPT-2 124M and a TRL SFTTrainer with packing on one GPU."""
+    """In a worker: a randomly initialised GPT-2 124M and sft_recipes' SFTTrainer with packing on one GPU."""
 
     def __init__(self, data_dir, out_dir, cfg, model_config=GPT2_124M, bf16=True):
         import torch
         from datasets import load_from_disk
         from transformers import AutoModelForCausalLM, GPT2Config
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
-        from sft_recipes import trainer
+        from sft_recipes import packing, trainer
 
         from .preprocess import recipe
 
@@ -85,8 +86,8 @@ class GpuTrainer:
                          packing=True, bf16=bf16, activation_checkpointing=False, report_to="none", save_strategy="no",
                          logging_steps=1000, disable_tqdm=True, seed=42, use_cpu=not torch.cuda.is_available())
         self.flops_per_token = (4 if cfg["lora"] else 6) * self.params
-        self.meter = Meter(SFTTrainer(model=model, args=args, train_dataset=load_from_disk(data_dir),
-                                      processing_class=tokenizer, peft_config=lora() if cfg["lora"] else None))
+        self.meter = Meter(packing.Trainer(model=model, args=args, train_dataset=load_from_disk(data_dir),
+                                           processing_class=tokenizer, peft_config=lora() if cfg["lora"] else None))
 
     def __call__(self, steps):
         import torch

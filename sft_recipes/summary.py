@@ -48,20 +48,6 @@ def print_summary(trainer, console: Console | None = None):
     console.print(data_table(trainer.sft_stats))
     for line in refusal_examples(trainer.sft_stats):
         console.print(line, markup=False)
-    note = packing_note(args)
-    if note:
-        console.print(f"note: {note}", markup=False)
-
-
-def packing_note(args) -> str | None:
-    """TRL's padding-free packing joins a step's blocks into one row; on CPU its attention is computed
-    over the whole row (benchmarks/: packed batch 8 ran at about 0.5x padded, packed batch 1 at 1.3-1.4x)."""
-    n = args.per_device_train_batch_size
-    if not args.packing or n == 1 or args.device.type != "cpu":
-        return None
-    return (f"packing on CPU joins the {n} blocks of a step into one {n * args.max_length:,}-token row whose "
-            f"attention is computed in full; per_device_train_batch_size: 1 with gradient_accumulation_steps: "
-            f"{n * args.gradient_accumulation_steps} trains the same tokens per update (faster in benchmarks/)")
 
 
 def _template_name(spec):

@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback, set_seed
-from trl import SFTTrainer, get_peft_config, get_quantization_config
+from trl import get_peft_config, get_quantization_config
 
 from . import hub, masking, report, sources, templates, tiny
+from .packing import Trainer
 from .config import Recipe, changed_values
 from .errors import RecipeError
 from .summary import print_summary
@@ -162,8 +163,9 @@ def _quantized_device_map(quantization):
 
 
 # ---------------------------------------------------------------- trainer
-def build_trainer(recipe: Recipe) -> SFTTrainer:
-    """A ready `SFTTrainer` (our masked datasets, TRL's collator/packing, PEFT if asked)."""
+def build_trainer(recipe: Recipe) -> Trainer:
+    """A ready `SFTTrainer` (our masked datasets, TRL's collator and packing, packed rows on dense attention,
+    PEFT if asked)."""
     set_seed(recipe.sft.seed)
     tokenizer = load_tokenizer(recipe)
     train_ds, eval_ds, stats = build_datasets(recipe, tokenizer)
@@ -171,7 +173,7 @@ def build_trainer(recipe: Recipe) -> SFTTrainer:
         raise RecipeError(f"eval_strategy is '{recipe.sft.eval_strategy.value}' but there is no eval data: "
                           "set `eval_split` or `eval_datasets`")
     model = load_model(recipe, tokenizer)
-    trainer = SFTTrainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = Trainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer),
                          callbacks=_callbacks(recipe))
     _expose_head_bias(trainer.model)
@@ -233,7 +235,7 @@ class StopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
-def train(recipe: Recipe) -> SFTTrainer:
+def train(recipe: Recipe) -> Trainer:
     """Build, summarise, train (resuming from the last checkpoint in output_dir), save everything."""
     resume = _resume_point(recipe)  # before any work: a refusal should come at once
     trainer = build_trainer(recipe)

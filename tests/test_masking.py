@@ -260,18 +260,26 @@ def test_trainer_batches_carry_our_labels(tmp_path, labels_of):
 
 
 def test_packed_trainer_batches_carry_our_labels(tmp_path, labels_of):
-    """Padding-free packing: one row of documents, each restarting position_ids at 0. TRL sets every
-    document's first label to -100; that agrees with ours because a row's first token is never trained."""
-    batch = first_batch(tmp_path, packing=True)
-    assert len(batch["input_ids"]) == 1 and "position_ids" in batch
-    ids, labels = batch["input_ids"].tolist()[0], batch["labels"].tolist()[0]
-    starts = [k for k, p in enumerate(batch["position_ids"].tolist()[0]) if p == 0] + [len(ids)]
-    assert len(starts) > 2
-    for a, b in zip(starts, starts[1:]):
-        doc = tuple(ids[a:b])
-        assert doc in labels_of, "a packed document is not one of our masked rows"
-        assert labels_of[doc][0] == -100
-        assert labels[a:b] == labels_of[doc]
+    """Packing on sdpa: each packed block is a row of documents, each restarting position_ids at 0; a row's
+    padding is one-token runs at position 0. Every document's first label is -100 (ours too: a row's first
+    token is never trained)."""
+    from sft_recipes import load_recipe, load_tokenizer
+    batch = first_batch(tmp_path, packing=True, per_device_train_batch_size=4)
+    pad_id = load_tokenizer(load_recipe(str(TINY_RECIPE))).pad_token_id
+    assert len(batch["input_ids"]) == 4 and "position_ids" in batch and "attention_mask" not in batch
+    docs = pads = 0
+    for ids, labels, positions in zip(*(batch[k].tolist() for k in ("input_ids", "labels", "position_ids"))):
+        starts = [k for k, p in enumerate(positions) if p == 0] + [len(ids)]
+        for a, b in zip(starts, starts[1:]):
+            doc = tuple(ids[a:b])
+            if doc == (pad_id,) and labels[a] == -100:
+                pads += 1
+                continue
+            assert doc in labels_of, "a packed document is not one of our masked rows"
+            assert labels_of[doc][0] == -100
+            assert labels[a:b] == labels_of[doc]
+            docs += 1
+    assert docs > 4 and pads < batch["input_ids"].numel() / 10
 
 
 # ---------------------------------------------------------------- what inspect exports

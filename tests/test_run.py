@@ -72,15 +72,6 @@ def test_summary_reports_rows_and_trained_fraction(tiny_run):
     assert 0.03 < run_info["data"]["train"]["trained_fraction"] < 0.5
 
 
-def test_summary_advises_batch_1_for_packing_on_cpu():
-    from sft_recipes.config import load_recipe
-    from sft_recipes.summary import packing_note
-    packed = load_recipe(str(TINY), packing=True, per_device_train_batch_size=8, max_length=512).sft
-    assert "one 4,096-token row" in packing_note(packed) and "gradient_accumulation_steps: 8" in packing_note(packed)
-    assert packing_note(load_recipe(str(TINY), packing=True, per_device_train_batch_size=1).sft) is None
-    assert packing_note(load_recipe(str(TINY), per_device_train_batch_size=8).sft) is None
-
-
 def test_existing_output_dir_is_refused_not_overwritten(tiny_run):
     proc = run(TINY, "--output_dir", str(tiny_run[0]), "--max_steps", "1")
     assert proc.returncode == 2

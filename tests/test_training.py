@@ -84,6 +84,63 @@ def test_packed_rows_score_every_token_as_unpacked(masked_rows, attention, tmp_p
     assert (blended - unpacked).abs().max() > 1e-2
 
 
+def packed_block(rows) -> dict:
+    """Rows joined as TRL's bfd packing stores a block: one example with the lengths of its documents."""
+    return {"input_ids": [t for r in rows for t in r["input_ids"]], "labels": [t for r in rows for t in r["labels"]],
+            "seq_lengths": [len(r["input_ids"]) for r in rows]}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_blocks_kept_as_rows_score_every_token_as_unpacked(masked_rows, attention, tmp_path):
+    """On dense attention our trainer collates each packed block as its own row (sft_recipes.packing)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sft_recipes import load_recipe
+    from sft_recipes.packing import PackedRows
+    from sft_recipes.trainer import load_model
+
+    tokenizer, rows = masked_rows
+    model = load_model(load_recipe(TINY, attn_implementation=attention, output_dir=str(tmp_path)), tokenizer).eval()
+    blocks = [packed_block(rows[:3]), packed_block(rows[3:])]  # lengths differ: the second row is padded
+    batch = PackedRows(tokenizer.pad_token_id)(blocks)
+    assert batch["input_ids"].shape == (2, len(blocks[0]["input_ids"])) and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [i for r in rows[:3] for i in range(len(r["input_ids"]))]
+    pad = batch["input_ids"][1, len(blocks[1]["input_ids"]):]
+    assert len(pad) > 0 and (pad == tokenizer.pad_token_id).all()
+    assert (batch["labels"][1, len(blocks[1]["input_ids"]):] == -100).all()
+
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+    unpacked, as_rows = per_token_losses(model, padded), per_token_losses(model, batch)
+    assert unpacked.numel() == as_rows.numel() > 0
+    torch.testing.assert_close(as_rows, unpacked, rtol=0, atol=1e-4)
+
+    # Control: with an attention_mask, transformers ignores the documents and a row is one long text.
+    blended = per_token_losses(model, {**batch, "attention_mask": torch.ones_like(batch["input_ids"])})
+    assert (blended - unpacked).abs().max() > 1e-2
+
+
+def test_packed_rows_trainer_counts_every_token(tmp_path):
+    """TRL counts a batch without attention_mask as one row; our trainer logs all rows' tokens."""
+    from sft_recipes import build_trainer, load_recipe
+
+    trainer = build_trainer(load_recipe(TINY, packing=True, per_device_train_batch_size=4, max_steps=3,
+                                        logging_steps=1, eval_strategy="no", eval_split=0, disable_tqdm=True,
+                                        output_dir=str(tmp_path)))
+    assert trainer.packed_rows and trainer.model.config._attn_implementation == "sdpa"
+    collate, sizes = trainer.data_collator, []
+
+    def counting(examples):
+        batch = collate(examples)
+        assert batch["input_ids"].shape[0] == 4 and "attention_mask" not in batch
+        sizes.append(batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting
+    trainer.train()
+    logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    assert logged == [sum(sizes[:k]) for k in (1, 2, 3)]
+
+
 # ---------------------------------------------------------------- LoRA + merge
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
