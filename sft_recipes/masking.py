@@ -9,10 +9,12 @@ trained on.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Features, List, Value
 from datasets.fingerprint import Hasher
@@ -66,8 +68,18 @@ def _tokenize_table(table: pa.Table, tokenizer, opts: MaskOptions) -> pa.Table:
     rows = _tokenize_rows(*(table.column(c).to_pylist() for c in ("messages", "tools", "text")), tokenizer, opts)
     table = table.drop_columns([k for k in FEATURES if k in table.column_names])
     for field in ARROW:
-        table = table.append_column(field, pa.array([row[field.name] for row in rows], type=field.type))
+        values = [row[field.name] for row in rows]
+        column = _int_lists(values) if pa.types.is_list(field.type) else pa.array(values, type=field.type)
+        table = table.append_column(field, column)
     return table
+
+
+def _int_lists(lists) -> pa.Array:
+    """A list<int32> column built flat: pa.array() on nested Python lists is about 8x slower."""
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum([len(x) for x in lists], out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(offsets, values)
 
 
 def _tokenize_rows(conversations, tool_lists, texts, tokenizer, opts: MaskOptions) -> list[dict]:
