@@ -174,7 +174,7 @@ def build_trainer(recipe: Recipe) -> Trainer:
                           "set `eval_split` or `eval_datasets`")
     model = load_model(recipe, tokenizer)
     trainer = Trainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer),
+                         processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer, model),
                          callbacks=_callbacks(recipe))
     _expose_head_bias(trainer.model)
     trainer.sft_stats = stats
@@ -187,11 +187,17 @@ def build_trainer(recipe: Recipe) -> Trainer:
     return trainer
 
 
-def _peft_config(recipe: Recipe, tokenizer):
+def _peft_config(recipe: Recipe, tokenizer, model):
     config = get_peft_config(recipe.model)
     new = getattr(tokenizer, "template_token_ids", [])
     if config is not None and new and not config.trainable_token_indices:
-        config.trainable_token_indices = new  # the template's new tokens must learn, and travel with the adapter
+        # The template's new tokens must learn, and travel with the adapter: their input rows, and their
+        # output rows too when the head is not tied to the input embeddings (else the model can hardly
+        # learn to emit the end-of-turn token it is trained to stop on).
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = outputs is None or outputs.weight is inputs.weight  # PEFT then ties the head's rows itself
+        config.trainable_token_indices = new if tied else {
+            name: new for name, module in model.named_modules() if module is inputs or module is outputs}
     return config
 
 

@@ -187,6 +187,40 @@ def test_lora_adapter_merges_into_a_standalone_model_with_the_same_logits(lora_r
         assert (before - want).abs().max() > 1e-2  # the adapter changed the model: the equality means something
 
 
+def test_lora_trains_the_new_tokens_output_rows_when_the_head_is_untied(tmp_path):
+    """Llama/Mistral-style models keep a head apart from the input embeddings: the template's new tokens
+    need trained rows in both, or the model can hardly learn to emit the end of turn it stops on."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    from sft_recipes import load_recipe, merge, tiny, train
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.tiny_model_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    train(load_recipe(TINY, model_name_or_path=str(tmp_path / "base"), chat_template="chatml", use_peft=True,
+                      lora_r=8, lora_alpha=16, lora_target_modules="all-linear", max_steps=6,
+                      per_device_train_batch_size=8, learning_rate=1e-2, eval_strategy="no", eval_split=0,
+                      output_dir=str(adapter), disable_tqdm=True))
+    added = AutoTokenizer.from_pretrained(adapter).convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    indices = json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"]
+    assert indices == {"lm_head": added, "model.embed_tokens": added}
+
+    merge.main([str(adapter), "--output", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    for layer, name in ((merged.lm_head, "lm_head"), (merged.model.embed_tokens, "model.embed_tokens")):
+        before = saved[f"base_model.model.{name}.token_adapter.base_layer.weight"]  # as resized, untrained
+        trained = (layer.weight - before).abs().amax(dim=1) > 1e-3
+        assert trained.nonzero().flatten().tolist() == sorted(added)  # exactly the new rows changed
+
+
 def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
     from sft_recipes import merge
 
