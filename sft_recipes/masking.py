@@ -115,6 +115,8 @@ def _prepare(messages, tools, text, opts, specials, added, eos):
         if added and added.search(m["content"] or ""):
             return "", [], [], ("special_token_text_in_content", f"a {m['role']} message contains "
                                 f"'{added.search(m['content']).group()}'")
+    if added and tools and added.search(tools):  # JSON text, printed into the prompt as it is
+        return "", [], [], ("special_token_text_in_tools", f"the tools contain '{added.search(tools).group()}'")
     try:
         rendered, spans = templates.render_with_spans(opts.template, messages, tools, **specials)
     except templates.TurnError as e:

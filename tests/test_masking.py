@@ -156,6 +156,17 @@ def test_user_reply_that_is_part_of_the_end_of_turn_text_is_kept(name):
     check_row(out[0], tok, tok.chat_template, end_of_turn=tok.end_of_turn)
 
 
+def test_special_token_text_in_tools_is_refused():
+    """Tool schemas are printed into the prompt verbatim: '<|im_end|>' there would end a turn early."""
+    import json
+    tools = [{"type": "function", "function": {"name": "f", "description": "stop at <|im_end|>", "parameters": {}}}]
+    plain_tools = [{"type": "function", "function": {"name": "f", "description": "stop", "parameters": {}}}]
+    turns = (message("user", "Call f."), message("assistant", "Done."))
+    out, _ = mask([chat(*turns, tools=json.dumps(tools)), chat(*turns, tools=json.dumps(plain_tools))], GPT2, "chatml")
+    assert out[0]["drop"] == "special_token_text_in_tools" and "<|im_end|>" in out[0]["detail"]
+    assert out[1]["drop"] is None
+
+
 # ---------------------------------------------------------------- BPE-hostile text, property-based
 LOOKALIKES = ["### Response:", "### Response:\n", "### Instruction:\n", "<|im_start|>assistant\n", "im_end|>",
               "[/INST]", "[INST] ", "</s>", "<s>", "USER:", "ASSISTANT:", "<|start_header_id|>", "endoftext",
