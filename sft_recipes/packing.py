@@ -2,7 +2,7 @@
 
 TRL's `bfd` packing turns on padding-free batches: a step's packed blocks are joined into ONE row. Varlen
 flash-attention kernels cost each block on its own there, but sdpa and eager build one mask over the whole
-row, so 8 blocks of 512 tokens cost (8*512)^2 attention instead of 8*512^2 (CPU: packed batch 8 ran at 0.51x
+row, so 8 blocks of 512 tokens cost (8*512)^2 attention instead of 8*512^2 (CPU: packed batch 8 ran at 0.5-0.6x
 of padded batch 8, benchmarks/train.py). Kept as a [batch, block] tensor with per-document `position_ids`
 and no `attention_mask`, transformers builds the same per-document mask row by row
 (masking_utils.find_packed_sequence_indices), and the blocks are exactly as TRL packed them.
