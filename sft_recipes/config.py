@@ -12,7 +12,8 @@ import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from .errors import RecipeError
-from .masking import TRAIN_ON, TRUNCATION
+from .formats import check_kwargs
+from .masking import MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
 
 
 @dataclass
@@ -29,6 +30,18 @@ class ScriptArguments:
     truncation: str = field(default="keep_start", metadata={"help": "Policy for rows over max_length.",
                                                             "choices": list(TRUNCATION)})
     verify_masks: bool = field(default=True, metadata={"help": "Prove every row's mask; refuse rows that fail."})
+    multi_turn: str = field(default="auto", metadata={
+        "help": "auto: one example per row when the template is prefix-stable on it, else one per trained turn; "
+                "joint: always one (rows it cannot keep whole are refused); per_turn: always one per turn.",
+        "choices": list(MULTI_TURN)})
+    reasoning: str = field(default="keep", metadata={
+        "help": "keep: assistant reasoning goes to the template; drop: removed before rendering.",
+        "choices": list(REASONING)})
+    train_on_reasoning: bool = field(default=True, metadata={
+        "help": "Train the reasoning tokens the template prints (false: leave them at -100, train the answer)."})
+    chat_template_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "Passed to every render, e.g. {enable_thinking: false} or {reasoning_effort: high}; a row's own "
+                "`chat_template_kwargs` column overrides them."})
     strict: bool = field(default=False, metadata={"help": "Any dropped or refused row is an error."})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after this many evaluations without improvement of `metric_for_best_model` (eval loss)."})
@@ -126,11 +139,13 @@ def _check_values(recipe: Recipe):
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise RecipeError(f"{where}: {key} must be positive, got {value}")
-    for key, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION)):  # argparse checks CLI only
+    for key, allowed in (("train_on", TRAIN_ON), ("truncation", TRUNCATION), ("multi_turn", MULTI_TURN),
+                         ("reasoning", REASONING)):  # argparse checks CLI only
         if getattr(d, key) not in allowed:
             raise RecipeError(f"{where}: {key} must be one of {', '.join(allowed)}, got '{getattr(d, key)}'")
     if not 0 <= d.eval_split < 1:
         raise RecipeError(f"{where}: eval_split is a fraction of the rows in [0, 1), got {d.eval_split}")
+    check_kwargs(d.chat_template_kwargs, where)
     if not isinstance(d.datasets, list) or not all(isinstance(x, (dict, str)) for x in d.datasets):
         raise RecipeError(f"{where}: datasets must be a list of {{path: ..., format: ...}} entries")
 

@@ -1,18 +1,22 @@
-"""Chat templates: find them by name, path or inline text, render conversations, and say where the
-assistant's turns are in the rendered text.
+"""Chat templates: find them by name, path or inline text, render conversations, and say which text is
+each trained assistant turn.
 
 Turn boundaries come from the template itself, never from per-template code:
 - with `{% generation %}` markers, the marked character spans;
-- without them (a model's own template), by rendering prefixes: the assistant turn i is what
-  `render(msgs[:i+1])` adds after `render(msgs[:i], add_generation_prompt=True)`, trailing
-  whitespace excluded. A template that rewrites earlier turns breaks the prefix property and the
-  row is refused, never guessed.
+- without them (a model's own template), by asking the template what inference asks it: the prompt
+  for turn i is `render(msgs[:i], add_generation_prompt=True)` and the turn is what
+  `render(msgs[:i+1])` adds after it, trailing whitespace excluded.
+A row is one example when every trained turn's rendering is a prefix of the whole conversation's
+(trailing whitespace aside). Templates that rewrite history (drop earlier reasoning, end the last
+turn differently) get one example per trained turn instead: example i is `render(msgs[:i+1])` with
+only turn i trained, which is exactly what inference renders for that turn.
 """
 from __future__ import annotations
 
 import difflib
 import json
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -51,6 +55,8 @@ def load_template(spec: str | None, tokenizer) -> str:
         return tokenizer.chat_template
     if "{{" in spec or "{%" in spec:
         return spec
+    if spec.startswith("trl:"):
+        return _trl_template(spec[4:])
     shipped = _template_dir() / f"{spec}.jinja"
     if shipped.is_file():
         return shipped.read_text()
@@ -65,6 +71,29 @@ def load_template(spec: str | None, tokenizer) -> str:
                       "or give a .jinja path, inline Jinja, or `tokenizer`.")
 
 
+def trl_template_names() -> list[str]:
+    return sorted(p.stem for p in _trl_dir().glob("*.jinja")) if _trl_dir() else []
+
+
+def _trl_dir() -> Path | None:
+    """The released templates TRL ships (`trl/chat_templates/*.jinja`), so they can be named offline."""
+    try:
+        return Path(resources.files("trl") / "chat_templates")
+    except ModuleNotFoundError:
+        return None
+
+
+def _trl_template(name: str) -> str:
+    path = (_trl_dir() or Path("/nonexistent")) / f"{name}.jinja"
+    if path.is_file():
+        return path.read_text()
+    names = trl_template_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean 'trl:{close[0]}'?" if close else ""
+    raise RecipeError(f"chat_template: TRL has no template 'trl:{name}'.{hint} "
+                      f"Known: {', '.join('trl:' + n for n in names) or 'none (is trl installed?)'}")
+
+
 def template_meta(source: str, tokenizer) -> dict:
     """The end-of-turn text and special tokens a shipped template declares in its header comments."""
     meta = {k: v.strip() for k, v in _META.findall(source)}
@@ -75,43 +104,120 @@ def template_meta(source: str, tokenizer) -> dict:
 
 
 @lru_cache(maxsize=8)
+def is_shipped(source: str) -> bool:
+    """One of our own templates, whose markers the test suite checks against inference on every turn."""
+    return any(p.read_text() == source for p in _template_dir().glob("*.jinja"))
+
+
+@lru_cache(maxsize=8)
 def has_markers(source: str) -> bool:
     return bool(_MARKER.search(source))
 
 
-def render(source: str, messages: list[dict], tools=None, *, add_generation_prompt=False, **specials) -> str:
+def render(source: str, messages: list[dict], tools=None, *, add_generation_prompt=False, **kwargs) -> str:
+    """One conversation rendered; `kwargs` are the specials (bos/eos) and chat_template_kwargs."""
     texts, _ = render_jinja_template([messages], tools=tools, chat_template=source,
-                                     add_generation_prompt=add_generation_prompt, **specials)
+                                     add_generation_prompt=add_generation_prompt, **kwargs)
     return texts[0]
 
 
-def render_with_spans(source: str, messages: list[dict], tools=None, **specials):
-    """Render a conversation; return (text, spans) with one (start, end) character span per assistant
-    message, in order. Raises TurnError when the template can't be trusted on it."""
+@dataclass
+class Example:
+    """One training sequence made from a row: its text, the messages it covers (`messages[:n_messages]`),
+    and the character span of each assistant turn trained in it."""
+    text: str
+    n_messages: int
+    spans: dict = field(default_factory=dict)  # message index -> (start, end)
+    split: bool = False                         # one of several examples made from one row
+
+
+def examples(source: str, messages: list[dict], tools, trained: list[int], *, per_turn: bool = False,
+             joint_only: bool = False, trust_markers: bool = False, **kwargs) -> list[Example]:
+    """The examples for a conversation (`messages` as templates read them) whose assistant turns
+    `trained` are trained: one when the template is prefix-stable on it (and `per_turn` is off), else
+    one per trained turn. Generation markers give the spans; unless trusted (our shipped templates,
+    checked by the test suite), the text before each marked turn must still be the generation prompt.
+    Raises TurnError when the template can't be trusted on the row."""
     if isinstance(tools, str):
         tools = json.loads(tools)
-    if has_markers(source):
-        texts, indices = render_jinja_template([messages], tools=tools, chat_template=source,
-                                               return_assistant_tokens_mask=True, **specials)
-        spans = [(s, e) for s, e in indices[0] if e > s]
-        n_assistant = sum(m["role"] == "assistant" for m in messages)
-        if len(spans) != n_assistant:
-            raise TurnError("template_marks_wrong_turns",
-                            f"{len(spans)} generation blocks for {n_assistant} assistant messages")
-        return texts[0], spans
-    return _spans_by_prefix(source, messages, tools, specials)
+    marked = has_markers(source)
+    if not per_turn or len(trained) < 2:
+        joint = (_joint_marked if marked else _joint)(source, messages, tools, trained, trust_markers, kwargs)
+        if joint:
+            return [joint]
+        if joint_only:
+            raise TurnError("template_rewrites_earlier_turns", "rendering up to a trained turn is not a prefix "
+                            "of the whole conversation (multi_turn: joint)")
+    split = len(trained) > 1
+    if marked:
+        return [_turn_marked(source, messages[: i + 1], tools, i, trust_markers, kwargs, split) for i in trained]
+    return [Example(upto, i + 1, {i: span}, split) for i in trained
+            for upto, span in [_turn(source, messages, tools, i, kwargs)]]
 
 
-def _spans_by_prefix(source, messages, tools, specials):
-    full = render(source, messages, tools, **specials)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(source, messages[:i], tools, add_generation_prompt=True, **specials)
-        upto = render(source, messages[: i + 1], tools, **specials)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise TurnError("template_rewrites_earlier_turns",
-                            f"rendering up to message {i} is not a prefix of the whole conversation")
-        spans.append((len(before), len(upto.rstrip())))
-    return full, spans
+def _joint(source, messages, tools, trained, trust, kwargs):
+    turns = {i: _turn(source, messages, tools, i, kwargs) for i in trained}
+    full = render(source, messages, tools, **kwargs)
+    if all(full.startswith(upto.rstrip()) for upto, _ in turns.values()):
+        return Example(full, len(messages), {i: span for i, (_, span) in turns.items()})
+    return None
+
+
+def _joint_marked(source, messages, tools, trained, trust, kwargs):
+    text, spans = render_with_spans(source, messages, tools, kwargs)
+    by_message = dict(zip([i for i, m in enumerate(messages) if m["role"] == "assistant"], spans))
+    chosen = {i: by_message[i] for i in trained}
+    if not trust and any(text[:s] != _prompt(source, messages, tools, i, kwargs) for i, (s, _) in chosen.items()):
+        return None
+    return Example(text, len(messages), chosen)
+
+
+def _turn_marked(source, messages, tools, i, trust, kwargs, split):
+    text, spans = render_with_spans(source, messages, tools, kwargs)
+    if not trust and text[: spans[-1][0]] != _prompt(source, messages, tools, i, kwargs):
+        raise TurnError("generation_prompt_mismatch", f"the text before marked message {i} is not the "
+                        "template's generation prompt, so the turn is not trained as inference asks for it")
+    return Example(text, i + 1, {i: spans[-1]}, split)
+
+
+def _prompt(source, messages, tools, i, kwargs):
+    return render(source, messages[:i], tools, add_generation_prompt=True, **kwargs)
+
+
+def render_with_spans(source, messages, tools=None, kwargs=None):
+    """(text, one span per assistant message) from the template's generation markers."""
+    kwargs = kwargs or {}
+    texts, indices = render_jinja_template([messages], tools=tools, chat_template=source,
+                                           return_assistant_tokens_mask=True, **kwargs)
+    spans = [(s, e) for s, e in indices[0] if e > s]
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    if len(spans) != n_assistant:
+        raise TurnError("template_marks_wrong_turns",
+                        f"{len(spans)} generation blocks for {n_assistant} assistant messages")
+    return texts[0], spans
+
+
+def _turn(source, messages, tools, i, kwargs):
+    """(render(messages[:i+1]), the span of turn i in it): what follows the generation prompt."""
+    prompt = _prompt(source, messages, tools, i, kwargs)
+    upto = render(source, messages[: i + 1], tools, **kwargs)
+    if not upto.startswith(prompt):
+        raise TurnError("generation_prompt_mismatch", f"the generation prompt for message {i} is not how the "
+                        "template starts that message, so no training text matches inference")
+    return upto, (len(prompt), len(upto.rstrip()))
+
+
+def continuation(source: str, messages: list[dict], tools, i: int, **kwargs) -> str:
+    """What the template prints right after assistant turn i: from the next message when there is one,
+    else from a stand-in reply (a tool result after calls, a user turn otherwise). Templates without an
+    end-of-turn token (GLM-4) stop generation at the next role token, which this finds."""
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    upto = render(source, messages[: i + 1], tools, **kwargs).rstrip()
+    nxt = messages[i + 1] if i + 1 < len(messages) else {
+        "role": "tool" if messages[i].get("tool_calls") else "user", "content": "\u27e6next\u27e7"}
+    try:
+        after = render(source, [*messages[: i + 1], nxt], tools, **kwargs)
+    except Exception:  # a template that refuses the stand-in: no continuation known
+        return ""
+    return after[len(upto):] if after.startswith(upto) else ""

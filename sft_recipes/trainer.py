@@ -65,7 +65,9 @@ def mask_options(recipe: Recipe, tokenizer) -> masking.MaskOptions:
     d = recipe.data
     return masking.MaskOptions(template=tokenizer.chat_template, end_of_turn=getattr(tokenizer, "end_of_turn", None),
                                train_on=d.train_on, train_on_inputs=d.train_on_inputs,
-                               max_length=recipe.sft.max_length, truncation=d.truncation, verify=d.verify_masks)
+                               max_length=recipe.sft.max_length, truncation=d.truncation, verify=d.verify_masks,
+                               multi_turn=d.multi_turn, reasoning=d.reasoning, train_on_reasoning=d.train_on_reasoning,
+                               chat_template_kwargs=d.chat_template_kwargs)
 
 
 # ---------------------------------------------------------------- datasets

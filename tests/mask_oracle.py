@@ -1,29 +1,26 @@
-"""An oracle for loss masks that shares no code with `sft_recipes.masking`.
+"""An oracle for loss masks that shares no code with `sft_recipes.masking` or `sft_recipes.templates`.
 
-It renders the conversation with transformers' own `apply_chat_template`, finds every message's
-content by rendering once more with each content replaced by a unique sentinel, frames each
-assistant content the way the template's `{% generation %}` block does (evaluated here with plain
-Jinja), tokenizes the rendered text itself, and then checks a masked row against what it found:
-
-- the row's `input_ids` are the tokens of the rendered text (what the model sees at inference);
+It defines a correct example by what inference does, using transformers' own `apply_chat_template`:
+for each trained assistant turn i of an example covering `messages[:n]`,
+- the prompt is `apply_chat_template(messages[:i], add_generation_prompt=True)` and the turn is what
+  `apply_chat_template(messages[:i+1])` prints after it (trailing whitespace excluded);
+- the example's text, `apply_chat_template(messages[:n])`, starts with that rendering (so the turn
+  sits after exactly the prompt inference would show), and the example's first tokens are the
+  tokens of that prompt tokenized on its own;
+then checks a masked example against it:
+- the tokens decode to the example's text (byte-level tokenizers);
 - every trained label equals its input id;
 - the trained tokens, taken as maximal runs, decode to exactly the expected texts, in order: each
-  trained assistant turn as the template frames it (ending with the end-of-turn text), or the bare
-  content of a non-assistant message that asks to be trained;
-- each run starts and ends exactly at its expected characters, and its last token is the
-  end-of-turn token for assistant turns;
-- no trained token touches the content of any message that is not trained.
+  trained assistant turn, or the bare content of a non-assistant message that asks to be trained
+  (found by rendering once more with each content replaced by a unique sentinel);
+- each assistant run ends with the end-of-turn token (a special token when none is declared).
+Tokens before a turn are the prompt's own, and a turn's tokens are exactly its text, so no trained
+token can lie in another message.
 """
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
-from functools import lru_cache
 
-import jinja2
-
-GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}(.*?)\{%-?\s*endgeneration\s*-?%\}", re.S)
 IGNORE = -100
 
 
@@ -39,27 +36,26 @@ def pieces(message: dict) -> list[str]:
     return [content]
 
 
-def render(tokenizer, messages, tools, source) -> str:
+def as_template_messages(messages) -> list[dict]:
+    """Stored messages as OpenAI-style dicts: only keys with a value, tool calls parsed. (transformers
+    itself copies `reasoning_content` to the names other templates read.)"""
+    out = []
+    for m in messages:
+        msg = {k: m[k] for k in ("role", "content", "input", "reasoning_content", "name", "tool_call_id")
+               if m.get(k) is not None}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = json.loads(m["tool_calls"])
+        out.append(msg)
+    return out
+
+
+def render(tokenizer, messages, tools, source, add_generation_prompt=False, **kwargs) -> str:
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    return tokenizer.apply_chat_template(messages, tools=tools, chat_template=source, tokenize=False)
+    return tokenizer.apply_chat_template(as_template_messages(messages), tools=tools, chat_template=source,
+                                         tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def framing(marked_source: str, tokenizer) -> tuple[str, str]:
-    """(lead, tail) the generation block puts around an assistant's content."""
-    return _framing(marked_source, tokenizer.eos_token, tokenizer.bos_token)
-
-
-@lru_cache(maxsize=64)
-def _framing(marked_source, eos_token, bos_token):
-    (body,) = GENERATION_BLOCK.findall(marked_source)
-    loop_variable = re.search(r"(\w+)\.content", body).group(1)  # `message` in the shipped templates
-    out = jinja2.Environment().from_string(body).render(
-        {loop_variable: {"role": "assistant", "content": "\x00"}}, eos_token=eos_token, bos_token=bos_token)
-    lead, tail = out.split("\x00")
-    return lead, tail
-
-
-def content_spans(tokenizer, messages, tools, source, rendered) -> dict[int, list[tuple[int, int]]]:
+def content_spans(tokenizer, messages, tools, source, rendered, **kwargs) -> dict[int, list[tuple[int, int]]]:
     """Character spans of each message's printed pieces in `rendered`, found by sentinels."""
     marked, parts = [], []
     for i, m in enumerate(messages):
@@ -68,7 +64,7 @@ def content_spans(tokenizer, messages, tools, source, rendered) -> dict[int, lis
         content = "\n\n".join(names) if len(ps) == 2 else names[0]
         marked.append({**m, "content": content, "input": names[1] if len(ps) == 2 else m.get("input")})
         parts += zip(names, ps, [i] * len(ps))
-    probe = render(tokenizer, marked, tools, source)
+    probe = render(tokenizer, marked, tools, source, **kwargs)
     found = []
     for name, piece, i in parts:
         assert probe.count(name) == 1, f"the template prints message {i} {probe.count(name)} times"
@@ -80,53 +76,7 @@ def content_spans(tokenizer, messages, tools, source, rendered) -> dict[int, lis
         assert rendered[start:start + len(piece)] == piece, f"message {i} is not printed verbatim"
         spans.setdefault(i, []).append((start, start + len(piece)))
         shift += len(piece) - len(name)
-    assert len(rendered) == len(probe) + shift, "the template prints something that depends on content"
     return spans
-
-
-@dataclass
-class Expected:
-    rendered: str                      # the conversation as the template prints it
-    trained: list[tuple[int, int]]     # character spans that must be trained, one per trained message
-    quiet: list[tuple[int, int]]       # contents of messages that must not be trained
-    turn_ends: list[int]               # where each trained assistant turn ends (its end-of-turn text)
-
-    def runs(self) -> list[tuple[int, int]]:
-        """Trained spans merged where they touch: the maximal runs of trained tokens."""
-        merged = []
-        for s, e in sorted(self.trained):
-            if merged and merged[-1][1] == s:
-                merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        return merged
-
-    def split_tokens(self, offsets) -> list[str]:
-        """Tokens that straddle the start or end of a trained span: with one, no exact mask exists."""
-        cuts = {x for span in self.trained for x in span}
-        return [self.rendered[s:e] for s, e in offsets if any(s < c < e for c in cuts)]
-
-
-def expected(tokenizer, messages, tools, source, *, marked_source=None, trained=None) -> Expected:
-    """What a correct mask trains on this conversation. `trained`: indices of the trained messages
-    (default: every assistant message not marked `train: false`)."""
-    rendered = render(tokenizer, messages, tools, source)
-    spans = content_spans(tokenizer, messages, tools, source, rendered)
-    lead, tail = framing(marked_source or source, tokenizer)
-    if trained is None:
-        trained = {i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train") is not False}
-    want, quiet, turn_ends = [], [], []
-    for i, m in enumerate(messages):
-        start, end = spans[i][0][0], spans[i][-1][1]
-        if i not in trained:
-            quiet += spans[i]
-            continue
-        if m["role"] == "assistant":
-            start, end = start - len(lead), end + len(tail)
-            assert rendered[start:end] == lead + m["content"] + tail
-            turn_ends.append(end)
-        want.append((start, end))
-    return Expected(rendered, want, quiet, turn_ends)
 
 
 def runs(labels) -> list[tuple[int, int]]:
@@ -145,32 +95,62 @@ def decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def check_row(row, tokenizer, source, *, end_of_turn, marked_source=None, trained=None):
-    """Assert that a kept masked row trains exactly what the template says, nothing else."""
+def tokens(tokenizer, text) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def example_of(row) -> tuple[list[dict], set[int]]:
+    """(the messages an example covers, the indices trained in it); rows made before per-turn examples
+    existed (or built by hand) cover all their messages."""
+    messages = row["messages"][: row["n_messages"]] if row.get("n_messages") else row["messages"]
+    if row.get("turns") is not None:
+        return messages, set(row["turns"])
+    return messages, {i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train") is not False}
+
+
+def check_row(row, tokenizer, source, *, end_of_turn=None, trained=None, exact_decode=True, kwargs=None):
+    """Assert that a kept example trains exactly what inference asks the model to write, nothing else.
+    Returns the example's rendered text."""
     assert row["drop"] is None, f"refused: {row['drop']}: {row['detail']}"
-    messages = row["messages"]
-    assert framing(marked_source or source, tokenizer)[1].endswith(end_of_turn)
-    exp = expected(tokenizer, messages, row["tools"], source, marked_source=marked_source, trained=trained)
-    rendered, want, quiet, turn_ends = exp.rendered, exp.runs(), exp.quiet, exp.turn_ends
-    enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets, labels = row["input_ids"], enc["offset_mapping"], row["labels"]
-    assert ids == enc["input_ids"], "input_ids are not the tokens of the rendered conversation"
+    messages, turns = example_of(row)
+    turns = set(trained) if trained is not None else turns
+    kw = {**(kwargs or {}), **json.loads(row.get("chat_template_kwargs") or "{}")}
+    rendered = render(tokenizer, messages, row["tools"], source, **kw)
+    ids, labels = row["input_ids"], row["labels"]
+    if exact_decode:
+        assert decode(tokenizer, ids) == rendered, "the tokens are not the rendered example"
     assert len(labels) == len(ids)
     assert all(label in (IGNORE, i) for label, i in zip(labels, ids)), "a trained label differs from its token"
+    want, firsts, ends = [], [], []
+    spans = None
+    for i in sorted(turns):
+        if messages[i]["role"] != "assistant":  # a message that asks to be trained: its content
+            spans = spans or content_spans(tokenizer, messages, row["tools"], source, rendered, **kw)
+            want += [rendered[s:e] for s, e in spans[i]]
+            continue
+        prompt = render(tokenizer, messages[:i], row["tools"], source, add_generation_prompt=True, **kw)
+        upto = render(tokenizer, messages[: i + 1], row["tools"], source, **kw).rstrip()
+        assert upto.startswith(prompt), f"turn {i}: the generation prompt does not start the turn"
+        assert rendered.startswith(upto), f"turn {i} sits after a different history than inference shows"
+        prompt_ids = tokens(tokenizer, prompt)
+        assert ids[: len(prompt_ids)] == prompt_ids, f"turn {i}: its prompt is tokenized unlike inference"
+        want.append(upto[len(prompt):])
+        firsts.append(len(prompt_ids))
     got = runs(labels)
-    assert [decode(tokenizer, ids[a:b]) for a, b in got] == [rendered[s:e] for s, e in want]
-    assert [(offsets[a][0], offsets[b - 1][1]) for a, b in got] == want, "trained runs sit elsewhere"
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
-    last_token = {e: k for k, (s, e) in enumerate(offsets) if e > s}
-    for end in turn_ends:  # each assistant turn closes with the end-of-turn token, trained
-        k = last_token[end]
-        assert ids[k] == eot and labels[k] == eot, f"turn ending at {end} does not train {end_of_turn!r}"
-    untrained = bytearray(len(rendered))  # 1 for each character of an untrained message's content
-    for qs, qe in quiet:
-        untrained[qs:qe] = b"\x01" * (qe - qs)
-    for a, b in got:
-        for s, e in offsets[a:b]:
-            assert not any(untrained[s:e]), f"trained token {rendered[s:e]!r} lies inside an untrained message"
+    got_text, pending = [decode(tokenizer, ids[a:b]) for a, b in got], list(want)
+    for text in got_text:  # each run is one expected text, or several that touch
+        joined = ""
+        while pending and len(joined) < len(text):
+            joined += pending.pop(0)
+        assert joined == text, f"trained {got_text} != expected {want}"
+    assert not pending, f"not trained: {pending}"
+    assert [a for a, _ in got if a in firsts] == firsts, "an assistant turn's first token is not trained"
+    stops = {tokenizer.convert_tokens_to_ids(end_of_turn)} if end_of_turn else {
+        i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for a, b in got:  # each run that ends a turn closes with its stop token
+        if b - 1 >= 0 and (b == len(ids) or labels[b] == IGNORE) and any(a <= f < b for f in firsts):
+            last = [k for k in range(a, b)][-1]
+            assert ids[last] in stops, f"a trained turn ends with {decode(tokenizer, [ids[last]])!r}"
     assert row["n_trained"] == sum(label != IGNORE for label in labels)
     return rendered
 
@@ -178,16 +158,20 @@ def check_row(row, tokenizer, source, *, end_of_turn, marked_source=None, traine
 # ---------------------------------------------------------------- fixtures shared by the mask tests
 # Everything below uses the library (recipe -> tokenizer -> masked rows); the oracle above does not.
 
-def message(role, content, input=None, train=None) -> dict:
-    return {"role": role, "content": content, "input": input, "train": train}
+def message(role, content, input=None, train=None, reasoning=None, tool_calls=None, name=None,
+            tool_call_id=None) -> dict:
+    return {"role": role, "content": content, "input": input, "train": train, "reasoning_content": reasoning,
+            "tool_calls": json.dumps(tool_calls) if tool_calls else None, "name": name,
+            "tool_call_id": tool_call_id}
 
 
-def chat(*messages, tools=None) -> dict:
-    return {"messages": list(messages), "tools": tools, "text": None}
+def chat(*messages, tools=None, kwargs=None) -> dict:
+    return {"messages": list(messages), "tools": tools, "text": None, "unused": [],
+            "chat_template_kwargs": json.dumps(kwargs) if kwargs else None}
 
 
 def plain(text) -> dict:
-    return {"messages": [], "tools": None, "text": text}
+    return {"messages": [], "tools": None, "text": text, "unused": [], "chat_template_kwargs": None}
 
 
 def dataset(rows):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from mask_oracle import (GPT2, TINY, chat, check_row, decode, expected, mask, message, plain, render,
+from mask_oracle import (GPT2, TINY, chat, check_row, decode, mask, message, plain, render,
                          tokenizer_for)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,17 +198,11 @@ def conversations(draw):
     return chat(*messages)
 
 
-# Why a row may be refused, and when it must be:
-# - special_token_text_in_content: exactly when a message contains the text of a token the tokenizer
-#   treats as a control token (EOS, pad, the template's markers); tokenized as such it would fake a
-#   turn boundary or an end of text, so the row must not be kept;
-# - token_crosses_turn_boundary / trained_span_not_token_aligned: exactly when, in the tokenization
-#   of the rendered text, some token straddles the start or end of a text that must be trained
-#   (e.g. "### Response:\n" followed by an answer that starts with "\n" merges into "\n\n"): then
-#   no set of whole tokens is exactly the assistant turn, so no correct mask exists.
-# Any other refusal (template_changed_content, trained_token_in_untrained_turn, decode_mismatch...)
-# would be a false refusal on a row whose exact mask exists, so it fails the test.
-BOUNDARY = {"token_crosses_turn_boundary", "trained_span_not_token_aligned"}
+# A row may be refused only for special_token_text_in_content: exactly when a message contains the
+# text of a token the tokenizer treats as a control token (EOS, pad, the template's markers); tokenized
+# as such it would fake a turn boundary or an end of text. Text that BPE would merge across the start
+# of a turn ("### Response:\n" + an answer opening with "\n") is no reason: the prompt is tokenized as
+# inference tokenizes it, on its own, and a multi-turn row that can't be one example becomes one per turn.
 
 
 @pytest.mark.parametrize("name", ["alpaca", "chatml", "llama3", "llama2"])
@@ -221,19 +215,17 @@ def test_hostile_text_is_masked_exactly_or_refused_for_a_stated_reason(name, row
     for the same reason; a failure names its conversation."""
     out, tok = mask(rows, GPT2, name)
     specials = [t for t in tok.get_added_vocab() if t]
-    for row in out:
-        where = f"{row['drop']} ({row['detail']}) on {row['messages']}"
-        if any(t in m["content"] for m in row["messages"] for t in specials):
-            assert row["drop"] == "special_token_text_in_content", where
+    for r, conversation in enumerate(rows):
+        examples = [row for row in out if row["row"] == r]
+        where = f"{[(x['drop'], x['detail']) for x in examples]} on {conversation['messages']}"
+        if any(t in m["content"] for m in conversation["messages"] for t in specials):
+            assert [x["drop"] for x in examples] == ["special_token_text_in_content"], where
             continue
-        exp = expected(tok, row["messages"], row["tools"], tok.chat_template)
-        offsets = tok(exp.rendered, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        split = exp.split_tokens(offsets)
-        if split:
-            assert row["drop"] in BOUNDARY, f"{where}; tokens across a boundary: {split}"
-            continue
-        assert row["drop"] is None, where
-        check_row(row, tok, tok.chat_template, end_of_turn=tok.end_of_turn)
+        assert all(x["drop"] is None for x in examples), where
+        for row in examples:
+            check_row(row, tok, tok.chat_template, end_of_turn=tok.end_of_turn)
+        trained = sorted(t for x in examples for t in x["turns"])
+        assert trained == [i for i, m in enumerate(conversation["messages"]) if m["role"] == "assistant"], where
 
 
 # ---------------------------------------------------------------- what reaches the model

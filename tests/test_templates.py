@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from mask_oracle import GPT2, TINY, chat, check_row, mask, message, render, tokenizer_for
+from mask_oracle import GPT2, TINY, chat, check_row, decode, mask, message, render, tokenizer_for
 from sft_recipes import masking, templates
 
 TEMPLATES = templates.template_names()
@@ -52,9 +52,12 @@ def source_of(name):
 def test_trained_tokens_are_exactly_the_assistant_turns(name, tokenizer):
     rows = list(CONVERSATIONS.values())
     out, tok = mask(rows, tokenizer, name)
-    assert out["drop"] == [None] * len(rows), list(zip(CONVERSATIONS, out["detail"]))
+    assert set(out["row"]) == set(range(len(rows)))
+    assert out["drop"] == [None] * len(out), list(zip(out["row"], out["detail"]))
     for row in out:
         check_row(row, tok, tok.chat_template, end_of_turn=tok.end_of_turn)
+    assert sorted((r, t) for r, turns in zip(out["row"], out["turns"]) for t in turns) == [
+        (r, i) for r, row in enumerate(rows) for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -90,11 +93,11 @@ def test_template_without_markers_gives_the_same_masks(name, tokenizer=TINY):
     for row in rows:
         assert (render(plain_tok, row["messages"], row["tools"], plain_source)
                 == render(tok, row["messages"], row["tools"], tok.chat_template))
-    assert unmarked["drop"] == [None] * len(rows), unmarked["detail"]
+    assert unmarked["drop"] == [None] * len(unmarked), unmarked["detail"]
     assert unmarked["input_ids"] == marked["input_ids"]
     assert unmarked["labels"] == marked["labels"]
     for row in unmarked:
-        check_row(row, plain_tok, plain_source, end_of_turn=tok.end_of_turn, marked_source=tok.chat_template)
+        check_row(row, plain_tok, plain_source, end_of_turn=tok.end_of_turn)
 
 
 MULTI_TURN = [CONVERSATIONS["multi_turn_with_system"], CONVERSATIONS["tool_turns"],
@@ -127,12 +130,10 @@ TRIMS_CONTENT = (
     "{%- for m in messages -%}{{- m.role + ':\n' -}}"
     "{%- if m.role == 'assistant' -%}{%- generation -%}{{- m.content | trim + eos_token -}}{%- endgeneration -%}"
     "{%- else -%}{{- m.content | trim -}}{%- endif -%}{{- '\n' -}}"
-    "{%- endfor -%}")
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- 'assistant:\n' -}}{%- endif -%}")
 
 
 @pytest.mark.parametrize("source, reason", [
-    (SHORTENS_EARLIER, "template_rewrites_earlier_turns"),
-    (DROPS_EARLIER, "template_rewrites_earlier_turns"),
     (ALWAYS_RAISES, "template_error"),
     (MARKS_LAST_ONLY, "template_marks_wrong_turns"),
 ])
@@ -142,12 +143,22 @@ def test_untrustworthy_template_rows_are_refused(source, reason):
     assert all(n == 0 for n in out["n_trained"])
 
 
-def test_rewriting_template_is_fine_on_rows_it_does_not_rewrite():
-    """The prefix check refuses only rows it can't trust: a single turn has nothing to rewrite."""
-    out, tok = mask([CONVERSATIONS["single_turn"]], TINY, SHORTENS_EARLIER)
-    assert out["drop"] == [None]
-    trained = [i for i, label in zip(out[0]["input_ids"], out[0]["labels"]) if label != -100]
-    assert tok.decode(trained) == "The capital of France is Paris." + tok.eos_token
+@pytest.mark.parametrize("source", [SHORTENS_EARLIER, DROPS_EARLIER])
+def test_template_that_rewrites_history_trains_each_turn_as_inference_renders_it(source):
+    """Like reasoning templates that hide earlier thoughts: each trained turn becomes its own example,
+    the conversation up to it rendered as inference would render it, only that turn trained."""
+    out, tok = mask(MULTI_TURN, TINY, source)
+    assert out["drop"] == [None] * len(out), out["detail"]
+    assert len(out) == 2 * len(MULTI_TURN) and all(out["split"])
+    for row in out:
+        assert len(row["turns"]) == 1 and row["n_messages"] == row["turns"][0] + 1
+        check_row(row, tok, source, end_of_turn=tok.eos_token)
+
+
+@pytest.mark.parametrize("source", [SHORTENS_EARLIER, DROPS_EARLIER])
+def test_multi_turn_joint_refuses_rows_it_cannot_keep_whole(source):
+    out, _ = mask(MULTI_TURN, TINY, source, multi_turn="joint")
+    assert out["drop"] == ["template_rewrites_earlier_turns"] * len(MULTI_TURN), out["detail"]
 
 
 def test_template_that_changes_content_is_refused():
@@ -162,14 +173,23 @@ def test_template_that_changes_content_is_refused():
 EOS_OUTSIDE_GENERATION = (
     "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{{- 'Bot:\\n' -}}"
     "{%- generation -%}{{- m.content -}}{%- endgeneration -%}{{- eos_token + '\\n' -}}"
-    "{%- else -%}{{- 'User:\\n' + m.content + '\\n' -}}{%- endif -%}{%- endfor -%}")
+    "{%- else -%}{{- 'User:\\n' + m.content + '\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Bot:\\n' -}}{%- endif -%}")
 
 
-def test_template_that_never_trains_an_end_of_turn_is_refused():
-    """A kept row must teach the model to stop. With this template the trained tokens are just
-    "Hello." and the EOS after it is never trained; today the row is kept, because the check for
-    the end of turn is skipped whenever the template declares no `end_of_turn` (see the report)."""
+def test_end_of_turn_printed_after_the_markers_is_trained_as_the_stop():
+    """A kept row must teach the model to stop. Here the markers hold just "Hello.", and the special
+    token the template prints next (EOS) is what ends the turn: it is trained with it."""
     out, tok = mask([chat(message("user", "Hi"), message("assistant", "Hello."))], TINY, EOS_OUTSIDE_GENERATION)
+    assert out["drop"] == [None], out["detail"]
+    assert decode(tok, [t for t in out[0]["labels"] if t != -100]) == "Hello." + tok.eos_token
+
+
+def test_turn_that_never_ends_is_refused():
+    """No declared end, no special token at the end of the turn or after it: nothing would teach the
+    model to stop (the tokenizer's EOS is appended only at the end of an example)."""
+    source = EOS_OUTSIDE_GENERATION.replace("eos_token + '\\n'", "'\\nBye\\n'")
+    out, _ = mask([chat(message("user", "Hi"), message("assistant", "Hello."), message("user", "Ok"))], TINY, source)
     assert out["drop"] == ["end_of_turn_not_trained"], out["detail"]
 
 
@@ -217,12 +237,12 @@ def test_every_template_keeps_every_row_of_the_shared_datasets(shared_conversati
         opts = masking.MaskOptions(template=tok.chat_template, end_of_turn=tok.end_of_turn, max_length=None)
         out = masking.tokenize(ds, tok, opts)
         refused = Counter(r for r in out["drop"] if r is not None)
-        counts[name] = (len(out) - refused.total(), refused)
+        counts[name] = (len(set(out["row"])) - refused.total(), refused)
         examples = [(r, d) for r, d in zip(out["drop"], out["detail"]) if r][:3]
         assert not refused, f"{name}: {dict(refused)}; e.g. {examples}"
         assert not any(out["truncated"])
         sample = out.select(range(0, len(out), ORACLE_STRIDE))
-        for row in sample.select_columns(["messages", "tools", "input_ids", "labels", "drop", "detail", "n_trained"]):
+        for row in sample:
             check_row(row, tok, tok.chat_template, end_of_turn=tok.end_of_turn)
     print(f"\n{'template':<10} {'rows':>6} {'kept':>6} refused")  # shown with pytest -s
     for name, (n_kept, refused) in counts.items():
