@@ -45,6 +45,7 @@ FEATURES = Features({
     "split": Value("bool"),           # one of several per-turn examples of its row
     "reasoning_trained": Value("int32"),    # trained turns whose reasoning is printed and trained
     "reasoning_unprinted": Value("int32"),  # trained turns with reasoning the template does not print
+    "notes": List(Value("string")),         # what the template did that the summary should say
 })
 ARROW = FEATURES.arrow_schema
 
@@ -103,7 +104,8 @@ def _tokenize_table(table: pa.Table, indices, tokenizer, opts: MaskOptions) -> p
     table = table.drop_columns([k for k in FEATURES if k in table.column_names])
     for f in ARROW:
         values = [row[f.name] for row in rows]
-        column = _int_lists(values) if pa.types.is_list(f.type) else pa.array(values, type=f.type)
+        ints = pa.types.is_list(f.type) and pa.types.is_integer(f.type.value_type)
+        column = _int_lists(values) if ints else pa.array(values, type=f.type)
         table = table.append_column(f, column)
     return table
 
@@ -130,6 +132,7 @@ class _Ex:
     quiet: list = field(default_factory=list)      # (message index, span) contents that must stay untrained
     split: bool = False
     reasoning: tuple = (0, 0)                      # (trained, unprinted) turns with reasoning
+    notes: list = field(default_factory=list)
     reason: tuple | None = None                    # (drop reason, detail)
     enc: object = None
 
@@ -180,8 +183,7 @@ class _Masker:
             if o.train_on_inputs:
                 full = templates.render(o.template, tmsgs, tools and json.loads(tools), **kw)
                 return [_Ex(r, full, len(messages), runs=[(False, (0, len(full)), (False, False))])]
-            found = templates.examples(o.template, tmsgs, tools, trained, per_turn=per_turn or o.multi_turn == "per_turn",
-                                       joint_only=o.multi_turn == "joint", trust_markers=self.trusted, **kw)
+            found = self._render(tmsgs, tools, trained, per_turn, kw)
         except templates.TurnError as e:
             return [_Ex(r, reason=e.args)]
         except Exception as e:  # a template that raises on this row (raise_exception, a jinja error)
@@ -192,7 +194,26 @@ class _Masker:
             # A non-assistant message with `train: true` is trained once: in the first example holding it.
             mine = [i for i in extra if i < ex.n_messages and (k == 0 or i >= found[k - 1].n_messages)]
             out.append(self._spans(r, ex, messages, tmsgs, tools, kw, mine))
+        if len(out) == 1 and len(found[0].spans) > 1 and out[0].reason and o.multi_turn == "auto":
+            # One turn the template can't print must not cost the row's other turns: one example each.
+            return self._examples(r, messages, tools, text, kwargs, per_turn=True)
         return out
+
+    def _render(self, tmsgs, tools, trained, per_turn, kw):
+        o = self.opts
+        args = dict(per_turn=per_turn or o.multi_turn == "per_turn", joint_only=o.multi_turn == "joint",
+                    trust_markers=self.trusted, **kw)
+        try:
+            return templates.examples(o.template, tmsgs, tools, trained, **args)
+        except TypeError:
+            # Templates written for OpenAI's wire format concatenate `arguments` as text (DeepSeek's):
+            # give them the arguments as JSON text, as their models saw them.
+            if not any("tool_calls" in m for m in tmsgs):
+                raise
+            found = templates.examples(o.template, _arguments_as_text(tmsgs), tools, trained, **args)
+            for ex in found:
+                ex.notes.append("template prints tool-call arguments as JSON text")
+            return found
 
     def _special_text(self, messages, tools):
         """Special-token text typed in data would tokenize as a control token."""
@@ -208,7 +229,8 @@ class _Masker:
 
     def _spans(self, r, ex, messages, tmsgs, tools, kw, extra) -> _Ex:
         """Trained runs of one example: each trained turn (with its stop), reasoning cut out if asked."""
-        o, out = self.opts, _Ex(r, ex.text, ex.n_messages, sorted([*ex.spans, *extra]), split=ex.split)
+        o, out = self.opts, _Ex(r, ex.text, ex.n_messages, sorted([*ex.spans, *extra]), split=ex.split,
+                                notes=list(ex.notes))
         marked = templates.has_markers(o.template)
         if marked or extra:  # marked spans are the template author's word: check contents against them
             located, err = _locate(ex.text, messages[: ex.n_messages], ex.spans)
@@ -269,7 +291,7 @@ class _Masker:
             return ("template_changed_content", "an assistant answer is not printed inside its turn")
         for call in json.loads(msg["tool_calls"] or "[]"):
             fn = call["function"]
-            missing = [] if fn["name"] in turn else [f"name {fn['name']!r}"]
+            missing = [] if _printed(fn["name"], turn) else [f"name {fn['name']!r}"]
             missing += [f"argument {k!r}" for k, v in fn["arguments"].items() if not _printed(v, turn)]
             if missing:
                 return ("tool_call_not_rendered", f"call {fn['name']}: {', '.join(missing)} not printed in the turn")
@@ -332,7 +354,8 @@ class _Masker:
         row = {"input_ids": ids, "labels": [-100] * len(ids), "drop": None, "detail": None,
                "n_tokens": len(ids), "n_trained": 0, "truncated": False, "row": ex.row,
                "n_messages": ex.n_messages, "turns": ex.turns, "split": ex.split,
-               "reasoning_trained": ex.reasoning[0], "reasoning_unprinted": ex.reasoning[1], "_bounds": []}
+               "reasoning_trained": ex.reasoning[0], "reasoning_unprinted": ex.reasoning[1], "notes": ex.notes,
+               "_bounds": []}
         if ex.reason:
             return {**row, "drop": ex.reason[0], "detail": ex.reason[1]}
         enc, text, labels, bounds = ex.enc, ex.text, row["labels"], row["_bounds"]
@@ -383,6 +406,9 @@ class _Masker:
         texts = {id(r): ex.text for r, ex in zip(rows, examples)}
         for (r, a, b, s, e), got in zip(spans, decoded):
             want = texts[id(r)][s:e]
+            if got != want:  # a normalizer that is not undone on decode (Phi-3 adds "▁" after special tokens)
+                want = self.backend.decode(self.backend.encode(want, add_special_tokens=False).ids,
+                                           skip_special_tokens=False)
             if r["drop"] is None and got != want:
                 r.update(drop="decode_mismatch", detail=f"trained tokens decode to {got[:40]!r}, not {want[:40]!r}",
                          labels=[-100] * len(r["labels"]), n_trained=0)
@@ -407,11 +433,17 @@ class _Joined:
         return t if t >= 0 and self.offsets[t][0] <= pos < self.offsets[t][1] else None
 
 
+def _arguments_as_text(tmsgs):
+    return [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+        c["function"]["arguments"], ensure_ascii=False)}} for c in m["tool_calls"]]} if "tool_calls" in m else m
+        for m in tmsgs]
+
+
 def _printed(value, turn: str) -> bool:
     """An argument value appears in the turn as templates print it: raw text, JSON, or Jinja's str()."""
     forms = {json.dumps(value, ensure_ascii=False), json.dumps(value), str(value)}
     if isinstance(value, str):
-        forms.add(value)
+        forms |= {value, json.dumps(value, ensure_ascii=False)[1:-1]}
     return any(f in turn for f in forms)
 
 

@@ -129,6 +129,7 @@ class Example:
     n_messages: int
     spans: dict = field(default_factory=dict)  # message index -> (start, end)
     split: bool = False                         # one of several examples made from one row
+    notes: list = field(default_factory=list)   # how the template made a turn differ from the simple case
 
 
 def examples(source: str, messages: list[dict], tools, trained: list[int], *, per_turn: bool = False,
@@ -151,15 +152,16 @@ def examples(source: str, messages: list[dict], tools, trained: list[int], *, pe
     split = len(trained) > 1
     if marked:
         return [_turn_marked(source, messages[: i + 1], tools, i, trust_markers, kwargs, split) for i in trained]
-    return [Example(upto, i + 1, {i: span}, split) for i in trained
-            for upto, span in [_turn(source, messages, tools, i, kwargs)]]
+    return [Example(t.text, i + 1, {i: t.span}, split, t.notes) for i in trained
+            for t in [_turn(source, messages, tools, i, kwargs)]]
 
 
 def _joint(source, messages, tools, trained, trust, kwargs):
     turns = {i: _turn(source, messages, tools, i, kwargs) for i in trained}
     full = render(source, messages, tools, **kwargs)
-    if all(full.startswith(upto.rstrip()) for upto, _ in turns.values()):
-        return Example(full, len(messages), {i: span for i, (_, span) in turns.items()})
+    if all(not t.rewritten and full.startswith(t.text.rstrip()) for t in turns.values()):
+        return Example(full, len(messages), {i: t.span for i, t in turns.items()},
+                       notes=[n for t in turns.values() for n in t.notes])
     return None
 
 
@@ -197,14 +199,61 @@ def render_with_spans(source, messages, tools=None, kwargs=None):
     return texts[0], spans
 
 
-def _turn(source, messages, tools, i, kwargs):
-    """(render(messages[:i+1]), the span of turn i in it): what follows the generation prompt."""
+@dataclass
+class _Turn:
+    text: str          # the example text ending with turn i
+    span: tuple        # where turn i is in it
+    rewritten: bool = False
+    notes: list = field(default_factory=list)
+
+
+def _turn(source, messages, tools, i, kwargs) -> _Turn:
+    """Turn i as inference asks for it: the text after `render(messages[:i], add_generation_prompt=True)`.
+    Normally `render(messages[:i+1])` starts with that prompt. Two template habits break this, and both
+    are handled without per-template code:
+    - the generation prompt pre-fills text the rendered turn lacks (DeepSeek-R1's `<think>\n`): the
+      render is kept as it is and the turn starts where it parts from the prompt; the pre-fill is noted;
+    - the history is printed differently once the turn exists (gpt-oss drops the analysis of earlier
+      tool calls once a final answer follows): the turn, as the template prints it after the previous
+      message, is trained after the prompt inference shows."""
     prompt = _prompt(source, messages, tools, i, kwargs)
     upto = render(source, messages[: i + 1], tools, **kwargs)
-    if not upto.startswith(prompt):
-        raise TurnError("generation_prompt_mismatch", f"the generation prompt for message {i} is not how the "
-                        "template starts that message, so no training text matches inference")
-    return upto, (len(prompt), len(upto.rstrip()))
+    if upto.startswith(prompt):
+        return _Turn(upto, (len(prompt), len(upto.rstrip())))
+    base = render(source, messages[:i], tools, **kwargs)
+    if not prompt.startswith(base):
+        raise TurnError("generation_prompt_mismatch", f"the generation prompt for message {i} changes the "
+                        "conversation before it")
+    gen = prompt[len(base):]
+    if upto.startswith(base):
+        # Measured against a stand-in answer too, so an answer that happens to open like the pre-fill
+        # ("<!DOCTYPE" after "<think>") does not lose its first characters to the prompt.
+        stand_in = render(source, [*messages[:i], {"role": "assistant", "content": "\u27e6\u27e7"}], tools, **kwargs)
+        turn = upto[len(base):]
+        common = min(len(_common_prefix(gen, turn)), len(_common_prefix(gen, stand_in[len(base):])))
+        return _Turn(upto, (len(base) + common, len(upto.rstrip())),
+                     notes=[f"generation prompt pre-fills {gen[common:]!r}, which the rendered turn lacks"])
+    at = _after_previous(upto, messages[i - 1]) if i else -1
+    start = upto.find(gen, at) if at >= 0 and gen else -1
+    if start < 0:
+        raise TurnError("generation_prompt_mismatch", f"message {i} is not printed after its generation prompt")
+    text = prompt + upto[start + len(gen):]
+    return _Turn(text, (len(prompt), len(text.rstrip())), rewritten=True,
+                 notes=["history printed differently once the turn exists; trained after the inference prompt"])
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def _after_previous(text: str, message: dict) -> int:
+    """Where the previous message's content ends in `text` (printed as is, trimmed, or JSON-encoded)."""
+    content = message.get("content") or ""
+    for form in (content, content.strip(), json.dumps(content, ensure_ascii=False), json.dumps(content)):
+        if form.strip() and form in text:
+            return text.rindex(form) + len(form)
+    return -1
 
 
 def continuation(source: str, messages: list[dict], tools, i: int, **kwargs) -> str:
