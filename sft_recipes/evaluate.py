@@ -52,8 +52,11 @@ def eval_conversations(recipe):
 
 
 def masked_rows(conversations, tokenizer, recipe):
-    """Training's masking of `conversations` with this tokenizer; refused rows keep their `drop`."""
-    return masking.tokenize(conversations, tokenizer, mask_options(recipe, tokenizer), desc="Masking eval")
+    """Training's masking of `conversations` with this tokenizer: one row per training example (a
+    conversation whose template rewrites history gives one per turn), each holding the messages it
+    covers, so its last assistant turn is the one to score. Refused rows keep their `drop`."""
+    out = masking.tokenize(conversations, tokenizer, mask_options(recipe, tokenizer), desc="Masking eval")
+    return out.map(lambda row: {"messages": masking.example_messages(row)}, desc="Examples")
 
 
 def split_reference(messages):

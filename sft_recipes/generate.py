@@ -70,7 +70,7 @@ def alpaca_messages(prompt: str, input: str | None = None, system: str | None = 
     if not prompt or not prompt.strip():
         raise RecipeError("--prompt is empty")
     row = {"instruction": prompt, "input": input, "system": system, "output": ""}
-    messages, _, _ = formats._alpaca(row, formats._Where("--prompt", 0, {}), None, None)
+    messages, _ = formats._alpaca(row, formats._Where("--prompt", 0, {}), None, None, [])
     return messages[:-1]  # without the (empty) assistant turn
 
 
@@ -83,8 +83,9 @@ def prompt_text(tokenizer, messages: list[dict], tools=None) -> str:
     """Render with the same call and special-token values that masking uses for training."""
     if isinstance(tools, str):
         tools = json.loads(tools)
-    return templates.render(tokenizer.chat_template, messages, tools, add_generation_prompt=True,
-                            bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    return templates.render(tokenizer.chat_template, formats.chat_messages(messages), tools,
+                            add_generation_prompt=True, bos_token=tokenizer.bos_token,
+                            eos_token=tokenizer.eos_token)
 
 
 # ---------------------------------------------------------------- generation

@@ -11,18 +11,21 @@ from rich.text import Text
 
 from .config import parse_recipe
 from .errors import cli
-from .summary import data_table, refusal_examples
+from .masking import example_messages
+from .summary import data_notes, data_table, refusal_examples
 from .trainer import load_tokenizer, masked_datasets
 
 
-def highlight(ids, labels, tokenizer) -> Text:
-    """Trained tokens in bold green, everything else dim: runs decoded together so text reads naturally."""
+def highlight(ids, labels, tokenizer, reasoning=()) -> Text:
+    """Trained tokens in bold green, everything else dim: runs decoded together so text reads naturally.
+    Reasoning texts are shown in magenta on top (bold when trained, dim when not)."""
     text, start = Text(), 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
             piece = tokenizer.decode(ids[start:i])
             text.append(piece, style="bold green" if labels[start] != -100 else "dim")
             start = i
+    text.highlight_words([r.strip() for r in reasoning if r and r.strip()], style="magenta")
     return text
 
 
@@ -33,11 +36,17 @@ def lengths(ds) -> str:
 
 
 def export(path, splits: dict, tokenizer):
+    """One JSON line per kept example: its tokens and labels, and the messages it covers (`train: false` on
+    those not trained in it; reasoning in `reasoning_content`, calls in `tool_calls`), so an independent
+    checker can re-render and verify it."""
     with open(path, "w", encoding="utf-8") as f:
         for split, ds in splits.items():
             for row in ds:
-                f.write(json.dumps({"split": split, "input_ids": row["input_ids"], "labels": row["labels"],
-                                    "messages": row["messages"], "text": row["text"]}, ensure_ascii=False) + "\n")
+                messages = [{k: v for k, v in m.items() if v is not None} for m in example_messages(row)]
+                f.write(json.dumps({"split": split, "row": row["row"], "input_ids": row["input_ids"],
+                                    "labels": row["labels"], "messages": messages, "tools": row["tools"],
+                                    "chat_template_kwargs": row["chat_template_kwargs"], "text": row["text"],
+                                    "notes": row["notes"]}, ensure_ascii=False) + "\n")
 
 
 @cli
@@ -53,10 +62,14 @@ def main(argv=None):
     splits = {"train": train, "eval": evals} if evals is not None else {"train": train}
     kept = {k: ds.filter(lambda d: [x is None for x in d], input_columns="drop", batched=True) for k, ds in splits.items()}
     for i, row in enumerate(kept["train"].select(range(min(args.n, len(kept["train"]))))):
-        console.rule(f"train row {i}: {row['n_tokens']} tokens, {row['n_trained']} trained")
-        console.print(highlight(row["input_ids"], row["labels"], tokenizer))
+        split = f", turn {row['turns']} of a row split per turn" if row["split"] else ""
+        console.rule(f"train example {i}: {row['n_tokens']} tokens, {row['n_trained']} trained{split}")
+        reasoning = [m["reasoning_content"] for m in example_messages(row)]
+        console.print(highlight(row["input_ids"], row["labels"], tokenizer, reasoning))
     console.rule()
     console.print(data_table(stats))
+    for line in data_notes(stats):
+        console.print(line, markup=False)
     for split, ds in kept.items():
         console.print(f"{split}: {lengths(ds)}")
     for line in refusal_examples(stats):

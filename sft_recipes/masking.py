@@ -172,7 +172,7 @@ class _Masker:
             return [_Ex(r, text + eos, runs=[(False, (0, len(text) + len(eos)), (False, False))])]
         bad = self._special_text(messages, tools)
         if bad:
-            return [_Ex(r, reason=bad)]
+            return [_Ex(r, n_messages=len(messages), reason=bad)]
         tmsgs = chat_messages(messages, reasoning=o.reasoning)
         kw = {**self.specials, **(json.loads(kwargs) if kwargs else {})}
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -185,9 +185,9 @@ class _Masker:
                 return [_Ex(r, full, len(messages), runs=[(False, (0, len(full)), (False, False))])]
             found = self._render(tmsgs, tools, trained, per_turn, kw)
         except templates.TurnError as e:
-            return [_Ex(r, reason=e.args)]
+            return [_Ex(r, n_messages=len(messages), reason=e.args)]
         except Exception as e:  # a template that raises on this row (raise_exception, a jinja error)
-            return [_Ex(r, reason=("template_error", f"{type(e).__name__}: {e}"))]
+            return [_Ex(r, n_messages=len(messages), reason=("template_error", f"{type(e).__name__}: {e}"))]
         extra = [i for i, m in enumerate(messages) if m["role"] != "assistant" and m["train"]]
         out = []
         for k, ex in enumerate(found):

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import RecipeError, cli
+from .summary import data_notes
 
 logger = logging.getLogger("sft_recipes")
 
@@ -88,8 +89,10 @@ def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
     data = "\n".join(f"- `{d.get('path')}` (format {d.get('format', 'auto')}"
                      + (f", weight {d['weight']}" if d.get("weight") else "") + ")"
                      for d in recipe_values.get("datasets", []))
-    rows = "\n".join(f"| {split} | {st['rows']:,} | {', '.join(f'{k}: {v}' for k, v in {**st['dropped'], **st['refused']}.items()) or 'none'}"
+    rows = "\n".join(f"| {split} | {st['rows']:,} | {st['examples']:,} | "
+                     f"{', '.join(f'{k}: {v}' for k, v in {**st['dropped'], **st['refused']}.items()) or 'none'}"
                      f" | {st['truncated']:,} | {st['trained_fraction']:.1%} |" for split, st in stats.items() if st)
+    notes = "\n".join(f"- {line}" for line in data_notes(stats))
     scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"""---
 library_name: transformers
@@ -103,9 +106,10 @@ Fine-tuned from `{recipe_values.get("model_name_or_path")}` with sft_recipes (TR
 ## Data
 {data}
 
-| split | rows | dropped or refused | truncated | tokens trained |
-|---|---|---|---|---|
+| split | rows | examples | dropped or refused | truncated | tokens trained |
+|---|---|---|---|---|---|
 {rows}
+{notes}
 
 ## Template and masking
 Chat template: `{recipe_values.get("chat_template", "the tokenizer's own")}` (saved with the tokenizer).

@@ -9,20 +9,42 @@ from rich.table import Table
 
 def data_table(stats: dict, title: str = "data") -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
-    for col in ("split", "rows", "dropped (reason: rows)", "truncated", "tokens", "trained"):
-        table.add_column(col)
+    for col in ("split", "rows", "examples", "dropped (reason: rows or examples)", "truncated", "tokens", "trained"):
+        table.add_column(col, overflow="fold")
     for split, st in stats.items():
         if not st:
             continue
         lost = {**st["dropped"], **st["refused"]}
-        table.add_row(split, f"{st['rows']:,}", ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+        table.add_row(split, f"{st['rows']:,}", f"{st['examples']:,}",
+                      ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
                       f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
     return table
 
 
+def data_notes(stats: dict) -> list[str]:
+    """What the table can't say: per-turn splits and their cost, reasoning, template habits, unused fields."""
+    lines = []
+    for split, st in stats.items():
+        if not st:
+            continue
+        if st["split_rows"]:
+            base = st["tokens"] - st["split_extra_tokens"]
+            lines.append(f"{split}: {st['split_rows']:,} rows trained as one example per turn ({st['split_examples']:,} "
+                         f"examples; the template prints earlier turns differently once later ones exist): "
+                         f"+{st['split_extra_tokens']:,} tokens, {st['split_extra_tokens'] / max(base, 1):.1%} more")
+        if st["reasoning_trained"] or st["reasoning_unprinted"]:
+            lines.append(f"{split}: reasoning trained on {st['reasoning_trained']:,} turns"
+                         + (f"; {st['reasoning_unprinted']:,} turns have reasoning the template does not print "
+                            "(not trained; `strict: true` makes this an error)" if st["reasoning_unprinted"] else ""))
+        lines += [f"{split}: {n:,} examples: {note}" for note, n in st["notes"].items()]
+        if st["unused"]:
+            lines.append(f"{split}: fields not used: " + ", ".join(f"{k} ({v:,} rows)" for k, v in st["unused"].items()))
+    return lines
+
+
 def refusal_examples(stats: dict) -> list[str]:
     return [f"  {split} {reason}: {ex}" for split, st in stats.items() if st
-            for reason, exs in st["examples"].items() for ex in exs[:2]]
+            for reason, exs in st["examples_refused"].items() for ex in exs[:2]]
 
 
 def print_summary(trainer, console: Console | None = None):
@@ -41,11 +63,13 @@ def print_summary(trainer, console: Console | None = None):
     head.add_row("template", _template_name(trainer.recipe.data.chat_template))
     head.add_row("batch", f"{effective} = {args.per_device_train_batch_size} per device x "
                           f"{args.gradient_accumulation_steps} accumulation x {world} processes")
-    head.add_row("steps", f"{steps:,} ({rows:,} {'packed blocks' if args.packing else 'rows'}, "
+    head.add_row("steps", f"{steps:,} ({rows:,} {'packed blocks' if args.packing else 'examples'}, "
                           f"{per_epoch:,} steps/epoch)")
     head.add_row("output", args.output_dir)
     console.print(head)
     console.print(data_table(trainer.sft_stats))
+    for line in data_notes(trainer.sft_stats):
+        console.print(line, markup=False)
     for line in refusal_examples(trainer.sft_stats):
         console.print(line, markup=False)
 

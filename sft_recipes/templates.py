@@ -166,7 +166,7 @@ def _joint(source, messages, tools, trained, trust, kwargs):
 
 
 def _joint_marked(source, messages, tools, trained, trust, kwargs):
-    text, spans = render_with_spans(source, messages, tools, kwargs)
+    text, spans = render_with_spans(source, messages, tools, **kwargs)
     by_message = dict(zip([i for i, m in enumerate(messages) if m["role"] == "assistant"], spans))
     chosen = {i: by_message[i] for i in trained}
     if not trust and any(text[:s] != _prompt(source, messages, tools, i, kwargs) for i, (s, _) in chosen.items()):
@@ -175,7 +175,7 @@ def _joint_marked(source, messages, tools, trained, trust, kwargs):
 
 
 def _turn_marked(source, messages, tools, i, trust, kwargs, split):
-    text, spans = render_with_spans(source, messages, tools, kwargs)
+    text, spans = render_with_spans(source, messages, tools, **kwargs)
     if not trust and text[: spans[-1][0]] != _prompt(source, messages, tools, i, kwargs):
         raise TurnError("generation_prompt_mismatch", f"the text before marked message {i} is not the "
                         "template's generation prompt, so the turn is not trained as inference asks for it")
@@ -186,9 +186,8 @@ def _prompt(source, messages, tools, i, kwargs):
     return render(source, messages[:i], tools, add_generation_prompt=True, **kwargs)
 
 
-def render_with_spans(source, messages, tools=None, kwargs=None):
+def render_with_spans(source, messages, tools=None, **kwargs):
     """(text, one span per assistant message) from the template's generation markers."""
-    kwargs = kwargs or {}
     texts, indices = render_jinja_template([messages], tools=tools, chat_template=source,
                                            return_assistant_tokens_mask=True, **kwargs)
     spans = [(s, e) for s, e in indices[0] if e > s]

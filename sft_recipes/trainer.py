@@ -99,20 +99,26 @@ def masked_datasets(recipe: Recipe, tokenizer):
     for split, st in stats.items():
         if st and st["rows"] == 0:
             reason, n = next(iter(st["refused"].items()), ("none", 0))
-            example = st["examples"].get(reason, [""])[0]
+            example = st["examples_refused"].get(reason, [""])[0]
             raise RecipeError(f"no {split} rows left to train on: {n} refused ({reason}: {example}); "
                               "check chat_template, max_length and the data with `python -m sft_recipes.inspect`")
     if d.strict:
         for split, st in stats.items():
             if st and st["refused"]:
                 reason, n = next(iter(st["refused"].items()))
-                raise RecipeError(f"strict: {n} {split} rows refused ({reason}: {st['examples'][reason][0]}); "
+                raise RecipeError(f"strict: {n} {split} examples refused ({reason}: {st['examples_refused'][reason][0]}); "
                                   "fix the data or template, or set `strict: false` to drop them")
+            if st and st["reasoning_unprinted"]:
+                raise RecipeError(f"strict: the template prints no reasoning for {st['reasoning_unprinted']} {split} "
+                                  "turns that have some; choose a template that prints it, set `reasoning: drop`, "
+                                  "or set `strict: false`")
     return train, evals, stats
 
 
 def _stats(ds, drops: Counter) -> dict:
-    c = ds.select_columns(["drop", "detail", "n_tokens", "n_trained", "truncated"]).to_dict()  # one read
+    cols = ["drop", "detail", "n_tokens", "n_trained", "truncated", "row", "split", "reasoning_trained",
+            "reasoning_unprinted", "notes", "unused"]
+    c = ds.select_columns([k for k in cols if k in ds.column_names]).to_dict()  # one read
     refused, examples = Counter(), {}
     for reason, detail in zip(c["drop"], c["detail"]):
         if reason:
@@ -121,9 +127,24 @@ def _stats(ds, drops: Counter) -> dict:
                 examples.setdefault(reason, []).append(detail)
     kept = [i for i, reason in enumerate(c["drop"]) if reason is None]
     n_tokens, n_trained = sum(c["n_tokens"][i] for i in kept), sum(c["n_trained"][i] for i in kept)
-    return {"rows": len(kept), "dropped": dict(drops), "refused": dict(refused.most_common()), "examples": examples,
-            "truncated": sum(c["truncated"]), "tokens": n_tokens, "trained_tokens": n_trained,
-            "trained_fraction": n_trained / max(n_tokens, 1)}
+    rows = {c["row"][i] for i in kept}
+    split = {}  # row -> token counts of its examples
+    for i in kept:
+        if c["split"][i]:
+            split.setdefault(c["row"][i], []).append(c["n_tokens"][i])
+    first = {}  # each conversation's unused fields once (its per-turn examples share them)
+    for row, names in zip(c["row"], c.get("unused") or [[]] * len(c["row"])):
+        first.setdefault(row, names or [])
+    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops), "refused": dict(refused.most_common()),
+            "examples_refused": examples, "truncated": sum(c["truncated"]), "tokens": n_tokens,
+            "trained_tokens": n_trained, "trained_fraction": n_trained / max(n_tokens, 1),
+            "split_rows": len(split), "split_examples": sum(map(len, split.values())),
+            # what one example per row would have cost: its longest (last) example
+            "split_extra_tokens": sum(sum(t) - max(t) for t in split.values()),
+            "reasoning_trained": sum(c["reasoning_trained"][i] for i in kept),
+            "reasoning_unprinted": sum(c["reasoning_unprinted"][i] for i in kept),
+            "notes": dict(Counter(n for i in kept for n in c["notes"][i]).most_common()),
+            "unused": dict(Counter(n for names in first.values() for n in names).most_common())}
 
 
 def _trainable(ds):
