@@ -368,13 +368,26 @@ def main(argv=None):
     roles = _role_counts(ds)
     if roles:
         print("roles:   " + ", ".join(f"{r} {n}" for r, n in roles.most_common()))
+    counts = _message_counts(ds)
+    if any(counts.values()):
+        print("carried: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n))
+    unused = collections.Counter(name for names in ds["unused"] for name in names)
+    if unused:
+        print("not used (ignored fields): " + ", ".join(f"{k} ({n} rows)" for k, n in unused.most_common()))
     print("first conversation:")
     row = ds[0]
     if row["text"] is not None:
         print(_indent(row["text"]))
     for m in row["messages"]:
         flag = "" if m["train"] is None else f" train={str(m['train']).lower()}"
-        print(f"  [{m['role']}{flag}]\n{_indent(m['content'])}")
+        who = f" {m['name']}" if m["name"] else ""
+        print(f"  [{m['role']}{who}{flag}]")
+        if m["reasoning_content"]:
+            print(f"  (reasoning)\n{_indent(m['reasoning_content'])}")
+        if m["content"]:
+            print(_indent(m["content"]))
+        if m["tool_calls"]:
+            print(f"  (tool calls) {_clip(m['tool_calls'])}")
     if row["tools"]:
         print(f"  tools: {_clip(row['tools'])}")
 
@@ -385,6 +398,15 @@ def _role_counts(ds) -> collections.Counter:
     roles = pc.struct_field(pc.list_flatten(messages), "role")
     return collections.Counter({v["values"].as_py(): v["counts"].as_py()
                                 for v in pc.value_counts(roles)})
+
+
+def _message_counts(ds) -> dict:
+    """Assistant turns with reasoning, tool calls, and tool results that name their call."""
+    import pyarrow.compute as pc
+    flat = pc.list_flatten(ds.select_columns(["messages"]).with_format("arrow")[:]["messages"])
+    present = lambda key: pc.sum(pc.is_valid(pc.struct_field(flat, key))).as_py() or 0  # noqa: E731
+    return {"turns with reasoning": present("reasoning_content"), "turns with tool calls": present("tool_calls"),
+            "tool results with a name": present("name")}
 
 
 def _indent(text, width=500):

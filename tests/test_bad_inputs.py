@@ -43,6 +43,13 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
     ("tools_invalid.json", [], ["record 0", "field 'tools'", "not valid JSON"]),
     ("text_not_string.jsonl", [], ["record 1", "field 'text'", "expected a string, got a list"]),
     ("notes.txt", [], ["unsupported file type '.txt'"]),
+    ("think_unclosed.jsonl", [], ["record 1", "field 'messages[1].content'", "<think> is never closed"]),
+    ("reasoning_twice.jsonl", [], ["record 0", "field 'messages[1].content'", "both in a field and inside"]),
+    ("reasoning_on_user.jsonl", [], ["record 2", "field 'messages[0]'", "reasoning on a user message"]),
+    ("tool_call_no_name.jsonl", [], ["record 0", "field 'messages[1].tool_calls[0]'", "without a function name"]),
+    ("tool_result_without_call.jsonl", [], ["record 1", "field 'messages[1]'", "no tool call before it"]),
+    ("tools_not_list.json", [], ["record 0", "field 'tools'", "list of function schemas", "Wrap"]),
+    ("unknown_tool_strict.jsonl", ["--strict"], ["1 of 2 records are unusable", "unknown_tool", "record 0"]),
     ("missing.json", [], ["file not found"]),  # does not exist, on purpose
     ("missing_output.json", ["--format", "sharegpt"], ["missing required column 'conversations'",
                                                        "instruction, output"]),

@@ -26,8 +26,14 @@ def rows_of(records, fmt, **options):
     return outputs[0]
 
 
-def msg(role, content, input=None, train=None):
-    return {"role": role, "content": content, "input": input, "train": train}
+def msg(role, content, input=None, train=None, reasoning=None, calls=None, name=None, call_id=None):
+    return {"role": role, "content": content, "input": input, "train": train, "reasoning_content": reasoning,
+            "tool_calls": json.dumps(calls) if calls else None, "name": name, "tool_call_id": call_id}
+
+
+def call(name, arguments, id=None):
+    out = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {**out, "id": id} if id else out
 
 
 def assert_mentions(error, *fragments):
@@ -49,7 +55,7 @@ def test_alpaca_with_system_history_and_input():
                                 msg("assistant", "Hello!"),
                                 msg("user", "Translate.\n\nchat", input="chat"),
                                 msg("assistant", "cat")],
-                   "tools": None, "text": None, "drop": None}
+                   "tools": None, "chat_template_kwargs": None, "text": None, "drop": None, "unused": []}
 
 
 @pytest.mark.parametrize("blank", ["", "  \n", None])
@@ -67,13 +73,33 @@ def test_sharegpt_tool_turns_system_and_tools():
     tools = json.dumps([{"name": "weather", "parameters": {}}])
     row = only([{"system": "Use tools.", "tools": tools, "conversations": [
         {"from": "human", "value": "Weather in Oslo?"},
-        {"from": "function_call", "value": '{"name": "weather"}'},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
         {"from": "observation", "value": '{"sky": "grey"}'},
         {"from": "gpt", "value": "Grey."}]}], "sharegpt")
     assert row["messages"] == [msg("system", "Use tools."), msg("user", "Weather in Oslo?"),
-                               msg("assistant", '{"name": "weather"}'),
-                               msg("tool", '{"sky": "grey"}'), msg("assistant", "Grey.")]
-    assert row["tools"] == tools
+                               msg("assistant", "", calls=[call("weather", {"city": "Oslo"})]),
+                               msg("tool", '{"sky": "grey"}', name="weather"), msg("assistant", "Grey.")]
+    assert json.loads(row["tools"]) == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+
+
+def test_sharegpt_function_call_turn_with_several_calls_answered_in_order():
+    row = only([{"conversations": [
+        {"from": "human", "value": "Weather in Oslo and Rome?"},
+        {"from": "function_call", "value": json.dumps([{"name": "weather", "arguments": {"city": "Oslo"}},
+                                                       {"name": "weather", "arguments": '{"city": "Rome"}'}])},
+        {"from": "observation", "value": "grey"}, {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "Grey, then sunny."}]}], "sharegpt")
+    calls = json.loads(row["messages"][1]["tool_calls"])
+    assert [c["function"]["arguments"] for c in calls] == [{"city": "Oslo"}, {"city": "Rome"}]
+    assert [m["name"] for m in row["messages"][2:4]] == ["weather", "weather"]
+
+
+def test_function_call_turn_followed_by_text_stays_two_turns():
+    row = only([{"conversations": [
+        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "w", "arguments": {}}'},
+        {"from": "gpt", "value": "Let me check."}]}], "sharegpt")
+    assert [(m["role"], m["content"], bool(m["tool_calls"])) for m in row["messages"]] == [
+        ("user", "Weather?", False), ("assistant", "", True), ("assistant", "Let me check.", False)]
 
 
 def test_sharegpt_accepts_chat_roles_and_keys():
@@ -99,7 +125,7 @@ def test_messages_parts_tools_and_train_flags():
         "tools": [{"name": "f", "parameters": {"type": "object"}}]}], "messages")
     assert row["messages"] == [msg("user", "Two parts"), msg("assistant", "Draft", train=False),
                                msg("user", "Again"), msg("assistant", "Final", train=True)]
-    assert json.loads(row["tools"]) == [{"name": "f", "parameters": {"type": "object"}}]
+    assert json.loads(row["tools"]) == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
 def test_messages_train_key():
@@ -108,13 +134,59 @@ def test_messages_train_key():
     assert row["messages"][1]["train"] is False
 
 
-def test_messages_openai_tool_calls_become_text():
-    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
-    row = only([{"messages": [{"role": "user", "content": "Weather?"},
-                              {"role": "assistant", "content": None, "tool_calls": [call]},
+def test_messages_openai_tool_calls_keep_their_structure_and_ids():
+    calls = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "time", "arguments": {"tz": "CET"}}}]
+    row = only([{"messages": [{"role": "user", "content": "Weather and time?"},
+                              {"role": "assistant", "content": None, "tool_calls": calls},
+                              {"role": "tool", "content": "10:00", "tool_call_id": "c2"},
                               {"role": "tool", "content": "grey"},
-                              {"role": "assistant", "content": "Grey."}]}], "messages")
-    assert row["messages"][1] == msg("assistant", '{"name": "weather", "arguments": {"city": "Oslo"}}')
+                              {"role": "assistant", "content": "Grey at ten."}]}], "messages")
+    assert row["messages"][1] == msg("assistant", "", calls=[call("weather", {"city": "Oslo"}, "c1"),
+                                                            call("time", {"tz": "CET"}, "c2")])
+    assert row["messages"][2] == msg("tool", "10:00", name="time", call_id="c2")
+    assert row["messages"][3] == msg("tool", "grey", name="weather", call_id="c1")
+
+
+@pytest.mark.parametrize("record, reasoning, answer", [
+    ({"role": "assistant", "content": "4", "reasoning_content": "2+2"}, "2+2", "4"),
+    ({"role": "assistant", "content": "4", "reasoning": "2+2"}, "2+2", "4"),
+    ({"role": "assistant", "content": "4", "thinking": "2+2"}, "2+2", "4"),
+    ({"role": "assistant", "content": "<think>\n2+2\n</think>\n\n4"}, "2+2", "4"),
+    ({"role": "assistant", "content": "<think>2+2</think>4", "reasoning_content": "2+2"}, "2+2", "4"),
+    ({"role": "assistant", "content": "\n</think>\n\n4"}, None, "4"),
+    ({"role": "assistant", "content": "<|begin_of_thought|>\n\n2+2\n\n<|end_of_thought|>\n\n"
+                                      "<|begin_of_solution|>\n\n4\n\n<|end_of_solution|>"}, "2+2", "4"),
+    ({"role": "assistant", "content": "<think>\n\n</think>\n\n4"}, None, "4"),
+])
+def test_reasoning_from_every_layout(record, reasoning, answer):
+    row = only([{"messages": [{"role": "user", "content": "2+2?"}, record]}], "messages")
+    assert (row["messages"][1]["reasoning_content"], row["messages"][1]["content"]) == (reasoning, answer)
+
+
+def test_reasoning_from_a_column_and_inline_in_sharegpt():
+    row = only([{"Question": "2+2?", "CoT": "Add them.", "Response": "4"}], "alpaca",
+               columns={"instruction": "Question", "reasoning": "CoT", "output": "Response"})
+    assert row["messages"][1] == msg("assistant", "4", reasoning="Add them.")
+    row = only([{"conversations": [{"from": "human", "value": "2+2?"},
+                                   {"from": "gpt", "value": "<think>\nAdd them.\n</think>\n\n4"}]}], "sharegpt")
+    assert row["messages"][1] == msg("assistant", "4", reasoning="Add them.")
+
+
+def test_unused_fields_are_listed_per_row():
+    rows = rows_of([{"id": 7, "messages": [{"role": "user", "content": "Hi", "meta": {"lang": "en"}},
+                                          {"role": "assistant", "content": "Hey"}]},
+                    {"id": None, "messages": [{"role": "user", "content": "Yo"}, {"role": "assistant", "content": "Hi"}]}],
+                   "messages")
+    assert [r["unused"] for r in rows] == [["id", "messages[].meta"], []]
+
+
+def test_a_call_to_a_function_the_tools_do_not_define_is_dropped():
+    row = only([{"messages": [{"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "", "tool_calls": [call("nope", {})]},
+                              {"role": "tool", "content": "?"}, {"role": "assistant", "content": "Done."}],
+                 "tools": [{"name": "weather", "parameters": {}}]}], "messages")
+    assert row["drop"] == "unknown_tool"
 
 
 def test_prompt_completion_strings_and_lists():
@@ -129,7 +201,8 @@ def test_prompt_completion_strings_and_lists():
 
 def test_text():
     assert only([{"text": "Once upon a time."}], "text") == {
-        "messages": [], "tools": None, "text": "Once upon a time.", "drop": None}
+        "messages": [], "tools": None, "chat_template_kwargs": None, "text": "Once upon a time.", "drop": None,
+        "unused": []}
 
 
 def test_every_format_concatenates():
@@ -233,6 +306,16 @@ def test_unusable_rows_drop(record, fmt, reason):
     assert only([record], fmt)["drop"] == reason
 
 
+def THINK(content, **fields):
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content, **fields}]}
+
+
+def CALL(fn, id=None):
+    tool_call = {"type": "function", "function": fn, **({"id": id} if id else {})}
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [tool_call]},
+                         {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]}
+
+
 @pytest.mark.parametrize("record, fmt, fragments", [
     ({"instruction": "a", "output": 3}, "alpaca", ["field 'output'", "expected a string, got a number"]),
     ({"instruction": "a", "output": None}, "alpaca", ["field 'output'", "missing required field"]),
@@ -247,6 +330,32 @@ def test_unusable_rows_drop(record, fmt, reason):
     ({"conversations": [{"from": "human", "value": "x"}], "tools": "{oops"}, "sharegpt",
      ["field 'tools'", "not valid JSON"]),
     ({"prompt": 1, "completion": "x"}, "prompt_completion", ["field 'prompt'", "a string or a list"]),
+    # reasoning
+    (THINK("<think>a</think>b", reasoning_content="c"), "messages", ["messages[1].content", "both in a field"]),
+    (THINK("<think>never closed"), "messages", ["messages[1].content", "never closed"]),
+    (THINK("answer</think>"), "messages", ["messages[1].content", "</think> inside the answer"]),
+    (THINK("a <think>b</think>"), "messages", ["messages[1].content", "<think> inside the answer"]),
+    (THINK("<|begin_of_thought|>x"), "messages", ["messages[1].content", "<|begin_of_thought|>"]),
+    ({"messages": [{"role": "user", "content": "q", "reasoning_content": "r"}, {"role": "assistant", "content": "a"}]},
+     "messages", ["messages[0]", "reasoning on a user message"]),
+    (THINK("b", reasoning_content=3), "messages", ["messages[1].reasoning_content", "expected reasoning text"]),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "chat_template_kwargs": {"when": {"d": [1, {2}]}}}, "messages", ["chat_template_kwargs 'when'", "type set"]),
+    # tool calls and tools
+    (CALL({"arguments": {}}), "messages", ["messages[1].tool_calls[0]", "without a function name"]),
+    (CALL({"name": "f", "arguments": "[1, 2]"}), "messages", ["tool_calls[0].arguments", "must be an object"]),
+    (CALL({"name": "f", "arguments": "{oops"}), "messages", ["tool_calls[0].arguments", "not valid JSON"]),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                   {"role": "assistant", "content": "a"}]}, "messages", ["messages[1]", "no tool call before it"]),
+    ({"messages": [{"role": "user", "content": "q"}, *CALL({"name": "f"}, "c1")["messages"][1:2],
+                   {"role": "tool", "content": "r", "tool_call_id": "c9"}, {"role": "assistant", "content": "a"}]},
+     "messages", ["messages[2]", "tool_call_id 'c9'"]),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], "tools": '{"name": "f"}'},
+     "sharegpt", ["field 'tools'", "list of function schemas"]),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}], "tools": '[{"description": "f"}]'},
+     "sharegpt", ["field 'tools[0]'", "function schema with a name"]),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "call f"}]},
+     "sharegpt", ["conversations[1].value", "must hold the call as JSON"]),
 ])
 def test_bad_values_are_errors(record, fmt, fragments):
     for data in as_inputs([record]):
@@ -268,8 +377,10 @@ def test_empty_dataset_is_an_error():
 
 # ---------------------------------------------------------------- properties
 
-_text = st.text(st.characters(codec="utf-8"), max_size=20)
-_words = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).filter(str.strip)
+_TAGS = ("<think>", "</think>", "<|begin_of_thought|>", "<|end_of_thought|>")  # reasoning markers: tested above
+_text = st.text(st.characters(codec="utf-8"), max_size=20).filter(lambda t: not any(tag in t for tag in _TAGS))
+_words = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20).filter(
+    lambda t: t.strip() and not any(tag in t for tag in _TAGS))
 _quick = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -289,9 +400,8 @@ def test_alpaca_properties(records):
         assert row["drop"] == (None if rec["output"].strip() else "empty_response")
 
 
-_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "function_call": "assistant",
-                   "observation": "tool", "system": "system", "user": "user",
-                   "assistant": "assistant", "tool": "tool"}
+# Tool turns need a call before them (and function_call turns hold JSON): tested on their own above.
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 @_quick
@@ -315,7 +425,7 @@ def test_sharegpt_properties(records):
 
 @_quick
 @given(st.lists(st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({
-    "role": st.sampled_from(["user", "assistant", "tool"]),
+    "role": st.sampled_from(["user", "assistant", "system"]),
     "content": st.one_of(_words, st.lists(_words, min_size=1, max_size=3)),
     "weight": st.sampled_from([None, 0, 1])}), min_size=1, max_size=6)}), min_size=1, max_size=5))
 def test_messages_properties(records):

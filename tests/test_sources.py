@@ -94,11 +94,12 @@ def test_mixed_types_keep_strings_that_look_like_json(tmp_path):
     records = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "6*7?"}]},
                              {"role": "assistant", "content": "42"}]},
                {"messages": [{"role": "user", "content": "Weather?"},
+                             {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather"}}]},
                              {"role": "tool", "content": '{"temp": 20}'},
                              {"role": "assistant", "content": '"Warm"'}]}]
     ds, _ = load(write_jsonl(tmp_path / "mixed.jsonl", records))
     contents = sorted(m["content"] for conv in ds["messages"] for m in conv)
-    assert contents == sorted(["6*7?", "42", "Weather?", '{"temp": 20}', '"Warm"'])
+    assert contents == sorted(["6*7?", "42", "Weather?", "", '{"temp": 20}', '"Warm"'])
 
 
 def test_missing_local_file(tmp_path):
@@ -161,7 +162,7 @@ def test_mixing_formats_with_column_and_role_mapping(tmp_path):
                                              "content": "text"},
               "roles": {"me": "user", "bot": "assistant"}}]
     ds, _ = load_conversations(specs, seed=1)
-    assert len(ds) == 7 and ds.column_names == ["messages", "tools", "text"]
+    assert len(ds) == 7 and ds.column_names == ["messages", "tools", "chat_template_kwargs", "text", "unused"]
     assert load_conversations(specs, seed=1)[0]["messages"] == ds["messages"]  # same shuffle
 
 
