@@ -15,8 +15,10 @@ import shutil
 import tempfile
 import time
 
-from .common import (GPT2_TOKENIZER, Worker, data_file, env, figure, interleaved, median,
-                     ratio_of_medians_per_rep, skipped)
+from pathlib import Path
+
+from .common import (GPT2_TOKENIZER, ROOT, Worker, data_file, env, figure, interleaved, median,
+                     ratio_of_medians_per_rep, skipped, workers)
 
 SECTION = "preprocess"
 GLAIVE = "glaive_toolcall_en_demo.json"
@@ -48,7 +50,7 @@ def run(quick: bool) -> list[dict]:
 
     datasets.disable_caching()  # every timed map computes; nothing is a cache hit
     try:
-        figures = speed(quick)
+        figures = speed(quick) + [reasoning_vs_trl(quick), before_and_after(quick)]
     finally:
         datasets.enable_caching()
     return figures + cache_hits()
@@ -110,10 +112,12 @@ def native(ds, tokenizer, opts, num_proc):
 def _native_row(example, tokenizer, template, max_length):
     """TRL's `tokenize_fn` for a conversational row with assistant_only_loss, plus its labels and
     truncation steps, in one function."""
+    from sft_recipes.formats import chat_messages
+
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    out = tokenizer.apply_chat_template(example["messages"], tools=tools, chat_template=template, tokenize=True,
-                                        return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(chat_messages(example["messages"]), tools=tools, chat_template=template,
+                                        tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = out["input_ids"]
     labels = [t if m else -100 for t, m in zip(ids, out["assistant_masks"])]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
@@ -242,3 +246,152 @@ def _stopwatch(fn, seconds: list):
         finally:
             seconds.append(time.perf_counter() - start)
     return timed
+
+
+# ---------------------------------------------------------------- reasoning: Qwen3's own template vs TRL
+REASONING = "reasoning/reasoning_content.jsonl"
+
+
+def reasoning_vs_trl(quick: bool) -> dict:
+    """Qwen3's released template and the real Qwen3 vocabulary on reasoning_content.jsonl replicated x100:
+    sft_recipes (`chat_template: trl:qwen3`; multi-turn rows become one example per turn) against TRL's own
+    dataset preparation with `assistant_only_loss=True`, which swaps in its `qwen3_training.jinja` (TRL's
+    `SFTTrainer._prepare_dataset`, timed on a trainer built once). Conversations per second, same rows."""
+    name = "reasoning, Qwen3 template + tokenizer, reasoning_content x100, 1 proc: sft_recipes vs TRL assistant_only_loss"
+    path, why = data_file(REASONING)
+    tok_dir, why_tok = data_file("tokenizers/qwen3")
+    if path is None or tok_dir is None:
+        return skipped(SECTION, name, why or why_tok)
+    from sft_recipes import masking, sources, templates
+
+    tokenizer = _qwen3(tok_dir, templates)
+    ds, _ = sources.load_conversations([spec(path, 100 * 100)], seed=42)
+    opts = masking.MaskOptions(template=tokenizer.chat_template)
+    trl_side = _TrlPreparation(ds, tokenizer)
+    masking.tokenize(ds.select(range(64)), tokenizer, opts)  # untimed warm-up, both sides
+    trl_side(64)
+    outputs = {}
+
+    def ours():
+        start = time.perf_counter()
+        outputs["ours"] = masking.tokenize(ds, tokenizer, opts)
+        return time.perf_counter() - start
+
+    t_ours, t_trl = interleaved(ours, lambda: trl_side(None), 2 if quick else REPS)
+    speedup = ratio_of_medians_per_rep(t_trl, t_ours)
+    out = outputs["ours"]
+    trl_tokens = trl_side.tokens
+    fig = figure(SECTION, name, round(speedup, 2), "x", goal=">= 1.5x", met=speedup >= 1.5, rows=len(ds),
+                 ours_conv_per_s=round(len(ds) / median(t_ours)), trl_conv_per_s=round(len(ds) / median(t_trl)),
+                 examples_per_row=round(len(out) / len(ds), 2), tokens_vs_trl=round(sum(out["n_tokens"]) / trl_tokens, 2),
+                 rows_split=len({r for r, sp in zip(out["row"], out["split"]) if sp}),
+                 ours_s=[round(t, 3) for t in t_ours], trl_s=[round(t, 3) for t in t_trl])
+    d = fig["detail"]
+    print(f"[{SECTION}] {name}: {speedup:.2f}x ({d['ours_conv_per_s']} vs {d['trl_conv_per_s']} conv/s; "
+          f"{d['examples_per_row']} examples per row, {d['tokens_vs_trl']}x TRL's tokens)", flush=True)
+    return fig
+
+
+def _qwen3(tok_dir, templates):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer.chat_template = templates.load_template("trl:qwen3", tokenizer)
+    return tokenizer
+
+
+class _TrlPreparation:
+    """TRL's SFTTrainer preparation of the same conversations (as OpenAI messages) with
+    assistant_only_loss: built once on a one-layer model; a call re-runs `_prepare_dataset` on all rows."""
+
+    def __init__(self, ds, tokenizer):
+        import copy
+
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, GPT2Config
+        from trl import SFTConfig, SFTTrainer
+
+        from sft_recipes.formats import chat_messages
+
+        self.rows = Dataset.from_list([{"messages": chat_messages(m)} for m in ds["messages"]])
+        tok = copy.deepcopy(tokenizer)
+        model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tok)))
+        self.args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="sft_bench_trl_"), assistant_only_loss=True,
+                              report_to="none", use_cpu=True, bf16=False, max_length=None)
+        self.trainer = SFTTrainer(model=model, args=self.args, train_dataset=self.rows.select(range(8)),
+                                  processing_class=tok)
+        self.tokens = None
+
+    def __call__(self, n):
+        rows = self.rows if n is None else self.rows.select(range(n))
+        start = time.perf_counter()
+        out = self.trainer._prepare_dataset(rows, self.trainer.processing_class, self.args, False, None, "bench")
+        seconds = time.perf_counter() - start
+        if n is None:
+            self.tokens = sum(len(ids) for ids in out["input_ids"])
+        return seconds
+
+
+# ---------------------------------------------------------------- glaive before and after this change
+BASE_COMMIT = "f04c7be"  # main before reasoning and structured tool calls (tool calls were content text)
+
+
+def before_and_after(quick: bool) -> dict:
+    """Masking glaive_toolcall_en_demo replicated to 10k rows (3k with --quick) with the chatml template and the
+    GPT-2 tokenizer: this checkout against BASE_COMMIT (extracted with `git archive`), each in a fresh worker
+    process, timed alternately. The new side prints tools and calls as structure (more text per row)."""
+    rows = 3_000 if quick else 10_000
+    name = f"glaive x{rows // 1000}k, chatml, 1 proc: masking now vs before structured tool calls ({BASE_COMMIT})"
+    path, why = data_file(GLAIVE)
+    if path is None:
+        return skipped(SECTION, name, why)
+    old = tempfile.mkdtemp(prefix="sft_bench_base_")
+    try:
+        import subprocess
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASE_COMMIT, "sft_recipes", "chat_templates"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(old, ignore_errors=True)
+        return skipped(SECTION, name, f"skipped: cannot extract {BASE_COMMIT} ({e})")
+    try:
+        with workers({"now": (_Masking, None, str(path), rows), "before": (_Masking, old, str(path), rows)}) as ws:
+            t_now, t_before = interleaved(lambda: ws["now"].call(), lambda: ws["before"].call(), 2 if quick else REPS)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    speedup = ratio_of_medians_per_rep(t_before, t_now)
+    fig = figure(SECTION, name, round(speedup, 2), "x", goal=">= 1x", met=speedup >= 1, rows=rows,
+                 now_conv_per_s=round(rows / median(t_now)), before_conv_per_s=round(rows / median(t_before)),
+                 now_s=[round(t, 3) for t in t_now], before_s=[round(t, 3) for t in t_before])
+    d = fig["detail"]
+    print(f"[{SECTION}] {name}: {speedup:.2f}x ({d['now_conv_per_s']} vs {d['before_conv_per_s']} conv/s)", flush=True)
+    return fig
+
+
+class _Masking:
+    """In a worker: sft_recipes from `code_dir` (None: this checkout), the GPT-2 tokenizer with that version's
+    chatml template, canonical glaive rows; a call times `masking.tokenize` on them."""
+
+    def __init__(self, code_dir, path, rows):
+        import sys
+
+        if code_dir:
+            sys.path.insert(0, code_dir)
+        import datasets
+
+        from sft_recipes import config, masking, sources, trainer
+        assert code_dir is None or masking.__file__.startswith(code_dir)
+        datasets.disable_caching()
+        template = str(Path(code_dir) / "chat_templates" / "chatml.jinja") if code_dir else "chatml"
+        r = config.load_recipe(model_name_or_path=str(GPT2_TOKENIZER), chat_template=template)
+        self.tokenizer = trainer.load_tokenizer(r)
+        self.opts = trainer.mask_options(r, self.tokenizer)
+        self.ds, _ = sources.load_conversations([spec(path, rows)], seed=42)
+        self.masking = masking
+        masking.tokenize(self.ds.select(range(64)), self.tokenizer, self.opts)
+
+    def __call__(self):
+        start = time.perf_counter()
+        self.masking.tokenize(self.ds, self.tokenizer, self.opts)
+        return time.perf_counter() - start
+

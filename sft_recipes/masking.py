@@ -244,7 +244,7 @@ class _Masker:
             if not o.end_of_turn:
                 e = self._stop(out, i, e, tmsgs, tools, kw)
             msg = messages[i]
-            problem = self._check_turn(out.text[s:e], msg) if o.verify else None
+            problem = self._check_turn(out.text[s:e], msg, tmsgs[i].get("tool_calls", ())) if o.verify else None
             if problem:
                 out.reason = problem
                 return out
@@ -285,11 +285,11 @@ class _Masker:
         hit = next((t for t in self.stop_texts if body.startswith(t)), None)
         return rest[: len(rest) - len(body) + len(hit)] if hit else None
 
-    def _check_turn(self, turn: str, msg) -> tuple | None:
+    def _check_turn(self, turn: str, msg, calls) -> tuple | None:
         """The turn must print the message's answer and every call: name and each argument value."""
         if msg["content"].strip() and msg["content"].strip() not in turn:
             return ("template_changed_content", "an assistant answer is not printed inside its turn")
-        for call in json.loads(msg["tool_calls"] or "[]"):
+        for call in calls:
             fn = call["function"]
             missing = [] if _printed(fn["name"], turn) else [f"name {fn['name']!r}"]
             missing += [f"argument {k!r}" for k, v in fn["arguments"].items() if not _printed(v, turn)]

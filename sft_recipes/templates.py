@@ -23,10 +23,11 @@ from pathlib import Path
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
-try:  # cached compile in transformers' sandboxed environment (private; render_jinja_template otherwise)
+try:  # transformers' cached compile and marker tracking (private; render_jinja_template otherwise)
     from transformers.utils.chat_template_utils import _compile_jinja_template as _compile
+    from transformers.utils.chat_template_utils import _render_with_assistant_indices as _with_indices
 except ImportError:  # pragma: no cover
-    _compile = None
+    _compile = _with_indices = None
 
 from .errors import RecipeError
 
@@ -209,14 +210,18 @@ def _prompt(source, messages, tools, i, kwargs):
 
 def render_with_spans(source, messages, tools=None, **kwargs):
     """(text, one span per assistant message) from the template's generation markers."""
-    texts, indices = render_jinja_template([messages], tools=tools, chat_template=source,
-                                           return_assistant_tokens_mask=True, **kwargs)
-    spans = [(s, e) for s, e in indices[0] if e > s]
+    if _with_indices is None:
+        texts, indices = render_jinja_template([messages], tools=tools, chat_template=source,
+                                               return_assistant_tokens_mask=True, **kwargs)
+        text, indices = texts[0], indices[0]
+    else:  # plain JSON inputs, as in `render`
+        text, indices = _with_indices(_compile(source), messages, tools, None, False, **kwargs)
+    spans = [(s, e) for s, e in indices if e > s]
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     if len(spans) != n_assistant:
         raise TurnError("template_marks_wrong_turns",
                         f"{len(spans)} generation blocks for {n_assistant} assistant messages")
-    return texts[0], spans
+    return text, spans
 
 
 @dataclass
