@@ -182,9 +182,11 @@ content = st.lists(fragment, min_size=1, max_size=5).map("".join).filter(lambda 
 
 @st.composite
 def conversations(draw):
-    """A system prompt or not, then user/assistant exchanges, some with a tool call and result, the
-    first user turn sometimes in the Alpaca instruction + input shape."""
+    """A system prompt or not, then user/assistant exchanges, some calling a tool (structured calls with
+    hostile names and argument values) and getting its result, some with reasoning, the first user turn
+    sometimes in the Alpaca instruction + input shape."""
     messages = [message("system", draw(content))] if draw(st.booleans()) else []
+    tools = []
     for turn in range(draw(st.integers(1, 3))):
         user = draw(content)
         if turn == 0 and draw(st.booleans()):
@@ -193,9 +195,20 @@ def conversations(draw):
         else:
             messages.append(message("user", user))
         if draw(st.booleans()):
-            messages += [message("assistant", draw(content)), message("tool", draw(content))]
-        messages.append(message("assistant", draw(content)))
-    return chat(*messages)
+            name = draw(content)
+            call = {"type": "function", "function": {"name": name, "arguments": {draw(content): draw(content)}}}
+            tools.append({"type": "function", "function": {"name": name, "parameters": {}}})
+            messages += [message("assistant", draw(st.sampled_from(["", "Let me check."])), tool_calls=[call],
+                                 reasoning=draw(st.one_of(st.none(), content))),
+                         message("tool", draw(content), name=draw(st.one_of(st.none(), st.just(name))))]
+        messages.append(message("assistant", draw(content), reasoning=draw(st.one_of(st.none(), content))))
+    return chat(*messages, tools=json.dumps(tools) if tools else None)
+
+
+def special_text_in(conversation, specials) -> bool:
+    texts = [conversation["tools"] or ""] + [m[k] or "" for m in conversation["messages"]
+                                             for k in ("content", "reasoning_content", "tool_calls")]
+    return any(t in text for text in texts for t in specials)
 
 
 # A row may be refused only for special_token_text_in_content: exactly when a message contains the
@@ -215,17 +228,21 @@ def test_hostile_text_is_masked_exactly_or_refused_for_a_stated_reason(name, row
     for the same reason; a failure names its conversation."""
     out, tok = mask(rows, GPT2, name)
     specials = [t for t in tok.get_added_vocab() if t]
+    kept = []
     for r, conversation in enumerate(rows):
         examples = [row for row in out if row["row"] == r]
         where = f"{[(x['drop'], x['detail']) for x in examples]} on {conversation['messages']}"
-        if any(t in m["content"] for m in conversation["messages"] for t in specials):
-            assert [x["drop"] for x in examples] == ["special_token_text_in_content"], where
+        if special_text_in(conversation, specials):
+            assert [x["drop"] for x in examples] in (["special_token_text_in_content"],
+                                                     ["special_token_text_in_tools"]), where
             continue
         assert all(x["drop"] is None for x in examples), where
         for row in examples:
             check_row(row, tok, tok.chat_template, end_of_turn=tok.end_of_turn)
         trained = sorted(t for x in examples for t in x["turns"])
         assert trained == [i for i, m in enumerate(conversation["messages"]) if m["role"] == "assistant"], where
+        kept += [conversation["messages"][t] for x in examples for t in x["turns"]]
+    assert any(m["tool_calls"] for m in kept) and any(m["reasoning_content"] for m in kept)  # not vacuous
 
 
 # ---------------------------------------------------------------- what reaches the model

@@ -226,3 +226,58 @@ def test_trl_prefix_names_released_templates_and_suggests_on_a_typo():
     assert templates.load_template("trl:qwen3", None).startswith("{%- if tools %}")
     with pytest.raises(RecipeError, match="Did you mean 'trl:qwen3'"):
         templates.load_template("trl:qwen33", None)
+
+
+# ---------------------------------------------------------------- the policies
+def test_reasoning_drop_removes_it_before_rendering():
+    out, tok = masked("qwen3", "reasoning/reasoning_content.jsonl", reasoning="drop")
+    assert not any(out["drop"]) and sum(out["reasoning_trained"]) == sum(out["reasoning_unprinted"]) == 0
+    for row in out.select(range(20)):
+        text = decode(tok, row["input_ids"])
+        assert all(m["reasoning_content"] is None or m["reasoning_content"].strip() not in text
+                   for m in row["messages"])
+        assert "<think>\n\n</think>" in text  # what Qwen3 prints for a last turn without reasoning
+
+
+def test_enable_thinking_false_puts_the_empty_think_block_in_the_prompt():
+    """Rows without reasoning on a hybrid template: by default Qwen3's empty think block is trained (the
+    model learns to answer without thinking); with `enable_thinking: false` it is part of the prompt, as
+    inference with enable_thinking=False shows it."""
+    path = "alpaca_en_demo.json"
+    default, tok = masked("qwen3", path)
+    off, _ = masked("qwen3", path, chat_template_kwargs={"enable_thinking": False})
+    for a, b in zip(default.select(range(10)), off.select(range(10))):
+        assert a["input_ids"] == b["input_ids"]
+        assert decode(tok, [t for t in a["labels"] if t != -100]).startswith("<think>\n\n</think>\n\n")
+        trained = decode(tok, [t for t in b["labels"] if t != -100])
+        assert "<think>" not in trained and trained == b["messages"][-1]["content"] + "<|im_end|>"
+        check_row(b, tok, tok.chat_template, kwargs={"enable_thinking": False})
+
+
+def test_a_rows_own_chat_template_kwargs_override_the_recipes(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+             "chat_template_kwargs": {"enable_thinking": flag}} for flag in (True, False)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds, _, _ = sources._prepare(sources.DatasetSpec(path=str(path)), num_proc=None, strict=False)
+    tok = tokenizer("qwen3")
+    out = masking.tokenize(ds, tok, masking.MaskOptions(template=tok.chat_template,
+                                                        chat_template_kwargs={"enable_thinking": False}))
+    trained = [decode(tok, [t for t in r["labels"] if t != -100]) for r in out]
+    assert trained == ["<think>\n\n</think>\n\n4<|im_end|>", "4<|im_end|>"]
+
+
+def test_chat_template_kwargs_from_yaml_and_the_command_line(tmp_path):
+    from sft_recipes.config import parse_recipe
+    from sft_recipes.errors import RecipeError
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\nchat_template_kwargs: {enable_thinking: false, reasoning_effort: high}\n")
+    assert parse_recipe([str(recipe)]).data.chat_template_kwargs == {"enable_thinking": False, "reasoning_effort": "high"}
+    flag = parse_recipe([str(recipe), "--chat_template_kwargs", '{"enable_thinking": true}'])
+    assert flag.data.chat_template_kwargs == {"enable_thinking": True}
+    recipe.write_text("model_name_or_path: x\nchat_template_kwargs: {date_string: 2024-07-26}\n")
+    with pytest.raises(RecipeError, match="date_string.*quote dates"):
+        parse_recipe([str(recipe)])
+    recipe.write_text("model_name_or_path: x\nchat_template_kwargs: {add_generation_prompt: true}\n")
+    with pytest.raises(RecipeError, match="cannot set 'add_generation_prompt'"):
+        parse_recipe([str(recipe)])
