@@ -212,7 +212,8 @@ def test_template_raising_on_some_rows_refuses_only_those():
 
 
 # ---------------------------------------------------------------- acceptance: the shared datasets
-SHARED = ["instruction-data.json", "alpaca_en_demo.json", "glaive_toolcall_en_demo.json"]
+SHARED = ["instruction-data.json", "alpaca_en_demo.json", "glaive_toolcall_en_demo.json",
+          "reasoning/reasoning_content.jsonl", "reasoning/tool_calls_reasoning.jsonl"]
 ORACLE_STRIDE = 7  # rows are shuffled across the three datasets, so every 7th mixes all of them
 
 
@@ -227,7 +228,8 @@ def shared_conversations():
 
 
 def test_every_template_keeps_every_row_of_the_shared_datasets(shared_conversations):
-    """Acceptance: all templates, every row of the three shared datasets, GPT-2 tokenizer, nothing
+    """Acceptance: all templates, every row of five shared datasets (reasoning and tool calls included), GPT-2
+    tokenizer, nothing
     truncated: the verifier keeps 100 % of the rows, and the oracle agrees with the masks of every
     ORACLE_STRIDE-th row (all rows would take a minute; the other tests check the oracle's way)."""
     ds = shared_conversations
