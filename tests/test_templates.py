@@ -228,10 +228,10 @@ def shared_conversations():
 
 
 def test_every_template_keeps_every_row_of_the_shared_datasets(shared_conversations):
-    """Acceptance: all templates, every row of five shared datasets (reasoning and tool calls included), GPT-2
-    tokenizer, nothing
-    truncated: the verifier keeps 100 % of the rows, and the oracle agrees with the masks of every
-    ORACLE_STRIDE-th row (all rows would take a minute; the other tests check the oracle's way)."""
+    """Acceptance: all templates, every row of five shared datasets (reasoning and tool calls included),
+    GPT-2 tokenizer, nothing truncated: the verifier keeps 100 % of the rows, and the oracle agrees with
+    the masks of every ORACLE_STRIDE-th row (all rows would take a minute; the other tests check the
+    oracle's way)."""
     ds = shared_conversations
     counts = {}
     for name in TEMPLATES:
