@@ -265,10 +265,10 @@ class _Masker:
         """Where turn i ends: at its own special token, else through the special token the template prints
         next (GLM-4's next role token), else through an EOS appended to the example."""
         text = out.text
-        if any(text[:e].endswith(t) for t in self.stop_texts):
+        if any(text.endswith(t, 0, e) for t in self.stop_texts):
             return e
-        rest = text[e:]
-        if not rest.strip():  # the example ends here: ask the template what it prints next
+        rest = text[e:e + 256]  # whitespace and a stop token, if one follows
+        if e >= len(text.rstrip()):  # the example ends here: ask the template what it prints next
             rest = templates.continuation(self.opts.template, tmsgs, tools, i, **kw)
             stop = self._leading_stop(rest) or self.tok.eos_token or ""
             out.text = text[:e] + stop + text[e:]
