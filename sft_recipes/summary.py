@@ -10,12 +10,12 @@ from rich.table import Table
 def data_table(stats: dict, title: str = "data") -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
     for col in ("split", "rows", "dropped (reason: rows)", "truncated", "tokens", "trained"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long reason wraps on a narrow terminal; never cut
     for split, st in stats.items():
         if not st:
             continue
         lost = {**st["dropped"], **st["refused"]}
-        table.add_row(split, f"{st['rows']:,}", ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+        table.add_row(split, f"{st['rows']:,}", "\n".join(f"{k}: {v}" for k, v in lost.items()) or "none",
                       f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
     return table
 
