@@ -301,7 +301,7 @@ def _refuse_unread(rest: list[str], parser):
     """A flag that is neither ours nor a recipe key evaluation reads would change nothing: say so."""
     ours = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     for key in flag_keys(rest):
-        if key not in RECIPE_KEYS:
+        if key.replace("-", "_") not in RECIPE_KEYS:  # TRL takes --eval-split for --eval_split too
             close = difflib.get_close_matches(key, ours + list(RECIPE_KEYS), n=1, cutoff=0.6)
             hint = f"did you mean --{close[0]}? " if close else ""
             raise RecipeError(f"--{key}: evaluate does not use it; {hint}it takes {', '.join('--' + o for o in ours)}"
