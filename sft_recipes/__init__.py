@@ -3,7 +3,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _API = {"Recipe": "config", "load_recipe": "config", "RecipeError": "errors", "build_datasets": "trainer",
-        "build_trainer": "trainer", "load_tokenizer": "trainer", "train": "trainer"}
+        "build_trainer": "trainer", "load_tokenizer": "models", "train": "trainer"}
 __all__ = sorted(_API)
 
 

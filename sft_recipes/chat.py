@@ -1,8 +1,11 @@
 """Chat with a trained model in the terminal: `python -m sft_recipes.chat --model DIR [--system TEXT]`.
 
 Each line you type is a user turn; the reply streams as it is generated and the whole history is
-sent with every turn. Commands: /reset (forget the history), /system TEXT (set the system prompt;
-/system alone removes it), /exit (or end of input). Works with piped stdin too.
+sent with every turn. Lines are edited as in a shell (arrow keys, Ctrl-A/E, Up for earlier lines).
+A line ending in `\\` continues on the next; /paste takes every line up to one that is just /end
+as one turn (paste an instruction and its input). Commands: /reset (forget the history),
+/system TEXT (set the system prompt; /system alone removes it), /exit (or end of input, Ctrl-D).
+Works with piped stdin too.
 """
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ import argparse
 import sys
 
 from transformers import TextStreamer
-from transformers.utils import logging as hf_logging
 
 from . import generate as gen
 from .errors import cli
+from .models import load_trained
 
-HELP = "commands: /reset, /system TEXT, /exit"
+HELP = "commands: /paste (multi-line, up to /end), /reset, /system TEXT, /exit; a line ending in \\ continues"
 
 
 class Chat:
@@ -78,31 +81,57 @@ def handle(chat: Chat, line: str, out=None) -> bool:
 
 def loop(chat: Chat, stdin=None):
     stdin = stdin or sys.stdin
-    interactive = stdin.isatty()  # piped input gets no prompts, only the replies
+    interactive = stdin is sys.stdin and stdin.isatty() and sys.stdout.isatty()
     if interactive:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
         print(HELP, file=sys.stderr)
-    while True:
+    read = _reader(stdin, interactive)
+    while (text := _turn(read)) is not None:
+        if not handle(chat, text):
+            return
+    if interactive:
+        print()
+
+
+def _reader(stdin, interactive):
+    """One line without its newline, None at end of input: `input()` on a terminal (edited by readline),
+    else a plain read with no prompt printed."""
+    def read(prompt):
         if interactive:
-            print("you: ", end="", flush=True)
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
         line = stdin.readline()
-        if not line:  # end of input
-            if interactive:
-                print()
-            return
-        if not handle(chat, line):
-            return
+        return line.removesuffix("\n") if line else None
+    return read
+
+
+def _turn(read) -> str | None:
+    """The next input: a line, lines joined by a trailing `\\`, or the lines between /paste and /end."""
+    line = read("you: ")
+    if line is not None and line.strip() == "/paste":
+        lines = []
+        while (line := read("")) is not None and line.strip() != "/end":
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [line]
+    while lines[-1] is not None and lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read("...  "))
+    return None if lines == [None] else "\n".join(x for x in lines if x is not None)
 
 
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a trained output dir (model + tokenizer + template)")
+    parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
+                                                       "checkpoint-* folder in it, or a merged model")
     parser.add_argument("--system", help="system prompt")
     gen.add_sampling_args(parser)
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()
-    model, tokenizer = gen.load(args.model)
+    model, tokenizer = load_trained(args.model)
     loop(Chat(model, tokenizer, args.system, **gen.sampling_from(args)))
 
 

@@ -2,6 +2,7 @@
 flat YAML file with CLI overrides. Unknown keys are errors that suggest the closest valid key."""
 from __future__ import annotations
 
+import argparse
 import difflib
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -14,6 +15,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 from .errors import RecipeError
 from .formats import check_kwargs
 from .masking import MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
+from .sources import flag_value
 
 
 @dataclass
@@ -57,9 +59,46 @@ class Recipe:
     path: str | None = None
 
 
+# TRL's own data-preparation keys: sft_recipes hands TRL rows it has tokenized and masked, so setting one of
+# these would change nothing (or undo our work): refused, pointing at ours.
+_TRL_DATA_KEYS = {"assistant_only_loss": "use `train_on`", "completion_only_loss": "use `train_on_inputs`",
+                  "dataset_text_field": "use a dataset entry's `columns: {text: your_column}`",
+                  "dataset_kwargs": "use the `datasets:` entries", "chat_template_path": "use `chat_template`",
+                  "truncation_mode": "use `truncation`", "eos_token": "the `chat_template` names the end of a turn"}
+_LIST_KEYS = ("datasets", "eval_datasets")
+_MAP_KEYS = ("chat_template_kwargs",)
+
+
 class _Parser(TrlParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for action in self._actions:  # argparse would want one dict per word: take one YAML or JSON value
+            if action.dest in _LIST_KEYS:
+                action.type, action.nargs, action.metavar = _entries, None, "YAML"
+            elif action.dest in _MAP_KEYS:
+                action.type, action.metavar = _mapping, "YAML"
+
     def error(self, message):  # argparse would print the whole usage and exit; we want one line
         raise RecipeError(message)
+
+
+def _entries(text: str) -> list:
+    """`--datasets data.jsonl`, `--datasets '{path: a.json, format: sharegpt}'` or a YAML/JSON list of them."""
+    value = flag_value(text)
+    return value if isinstance(value, list) else [value]
+
+
+def _mapping(text: str) -> dict:
+    """`--chat_template_kwargs '{enable_thinking: false}'` (YAML or JSON)."""
+    value = flag_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{enable_thinking: false}}', got {text!r}")
+    return value
+
+
+def flag_keys(argv: list[str]) -> list[str]:
+    """The keys of the `--key value` / `--key=value` flags in `argv`."""
+    return [a[2:].split("=")[0] for a in argv if a.startswith("--")]
 
 
 def _defaults(recipe_path: str | None) -> dict:
@@ -76,10 +115,10 @@ def _valid_keys(parser) -> list[str]:
 
 
 def _unknown(rest: list[str], parser, where: str):
-    keys = [s[2:] for s in rest if s.startswith("--")] or rest
+    keys = flag_keys(rest) or rest
     if not keys:
         return
-    key = keys[0].split("=")[0]
+    key = keys[0]
     close = difflib.get_close_matches(key, _valid_keys(parser), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m sft_recipes.run --help`"
     raise RecipeError(f"{where}: unknown key '{key}'{hint}")
@@ -100,6 +139,27 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(config, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
     return config
+
+
+def recipe_help_parser(prog: str, description: str):
+    """The `--help` of a command that takes a recipe: what it does, the recipe, our keys, then where TRL's are."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ScriptArguments, prog=prog, description=description,
+                              usage=f"{prog} RECIPE.yaml [--key value ...]",
+                              epilog="Every key of TRL's ModelConfig (model_name_or_path, dtype, use_peft, lora_r, "
+                                     "load_in_4bit, ...) and SFTConfig (learning_rate, max_steps, max_length, packing, "
+                                     "output_dir, ...) works too, in the recipe or as a flag; "
+                                     f"`{prog} --help-all` lists them all.")
+    parser.add_argument("recipe", metavar="RECIPE.yaml",
+                        help="a flat YAML recipe (see recipes/); flags after it override its keys")
+    parser._positionals.title, parser._optionals.title = "positional arguments", "sft_recipes keys"
+    for action in parser._actions:
+        if action.dest in _LIST_KEYS:
+            action.metavar, action.nargs = "YAML", None
+        elif action.dest in _MAP_KEYS:
+            action.metavar = "YAML"
+    return parser
 
 
 def parse_recipe(argv: list[str] | None = None) -> Recipe:
@@ -146,8 +206,15 @@ def _check_values(recipe: Recipe):
     if not 0 <= d.eval_split < 1:
         raise RecipeError(f"{where}: eval_split is a fraction of the rows in [0, 1), got {d.eval_split}")
     check_kwargs(d.chat_template_kwargs, where)
-    if not isinstance(d.datasets, list) or not all(isinstance(x, (dict, str)) for x in d.datasets):
-        raise RecipeError(f"{where}: datasets must be a list of {{path: ..., format: ...}} entries")
+    for key in _LIST_KEYS:
+        entries = getattr(d, key)
+        if not isinstance(entries, list) or not all(isinstance(x, (dict, str)) for x in entries):
+            raise RecipeError(f"{where}: {key} must be a list of {{path: ..., format: ...}} entries")
+    defaults = {f.name: f.default for f in fields(SFTConfig)}
+    for key, ours in _TRL_DATA_KEYS.items():
+        if getattr(s, key) != defaults[key]:
+            raise RecipeError(f"{where}: `{key}` belongs to TRL's data preparation, which sft_recipes does "
+                              f"itself: {ours}")
 
 
 def load_recipe(path: str | None = None, **overrides) -> Recipe:
@@ -167,14 +234,16 @@ def load_recipe(path: str | None = None, **overrides) -> Recipe:
 
 
 def changed_values(recipe: Recipe) -> dict:
-    """The recipe as flat YAML-ready keys, listing only what differs from the defaults."""
-    out = {}
-    for obj in (recipe.data, recipe.model, recipe.sft):
+    """The recipe as flat YAML-ready keys, listing only what differs from a recipe that sets nothing (values
+    compared after TRL's own normalising, so e.g. a default `accelerator_config` is not listed), and the
+    LoRA shape of an adapter run, default or not."""
+    base, out = parse_recipe([]), {}
+    lora = ("lora_r", "lora_alpha", "lora_dropout") if recipe.model.use_peft else ()
+    for obj, default in ((recipe.data, base.data), (recipe.model, base.model), (recipe.sft, base.sft)):
         for f in fields(obj):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            value = getattr(obj, f.name)
-            if f.init and not f.name.startswith("_") and _plain(value) != _plain(default):
-                out[f.name] = _plain(value)
+            value = _plain(getattr(obj, f.name))
+            if f.init and not f.name.startswith("_") and (value != _plain(getattr(default, f.name)) or f.name in lora):
+                out[f.name] = value
     return out
 
 

@@ -1,8 +1,22 @@
-"""One exception type for user mistakes, and the CLI guard that turns it into one line + exit 2."""
+"""One exception type for user mistakes, and the CLI guard that turns it into one line + exit 2 and keeps
+third-party noise that asks nothing of the user out of our commands (library use sees everything)."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import re
 import sys
+import warnings
+
+# Messages of the stack under us that need no action: muted while one of our commands runs.
+_MUTED = (
+    "fan_in_fan_out is set to False but the target module is `Conv1D`",  # PEFT on GPT-2; it sets it itself
+    "`is_gradient_checkpointing` is deprecated",  # TRL/PEFT calling transformers
+    "Setting `save_embedding_layers` to `True`",  # PEFT saves the resized embeddings, as it must
+    "The new embeddings will be initialized from a multivariate normal",  # transformers, on every resize
+)
+_MUTED_LOGGERS = ("transformers.modeling_utils",)
 
 
 class RecipeError(Exception):
@@ -32,7 +46,8 @@ def cli(main):
     @functools.wraps(main)
     def guarded(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            with _quiet():
+                return main(*args, **kwargs)
         except RecipeError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -41,3 +56,30 @@ def cli(main):
             sys.exit(130)
 
     return guarded
+
+
+class _Muted(logging.Filter):
+    def filter(self, record):
+        return not any(m in record.getMessage() for m in _MUTED)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Mute `_MUTED` and transformers' own progress bars (loading and writing weights); restore them after."""
+    hf = sys.modules.get("transformers.utils.logging")  # imported by then in the commands that load models
+    bars = hf is not None and hf.is_progress_bar_enabled()
+    muted, loggers = _Muted(), [logging.getLogger(name) for name in _MUTED_LOGGERS]
+    with warnings.catch_warnings():
+        for message in _MUTED:
+            warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+        for logger in loggers:
+            logger.addFilter(muted)
+        if bars:
+            hf.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(muted)
+            if bars:
+                hf.enable_progress_bar()

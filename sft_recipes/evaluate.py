@@ -1,6 +1,6 @@
 """Score a trained model on its recipe's eval split, optionally beside a baseline:
 
-    python -m sft_recipes.evaluate RECIPE.yaml --model DIR [--baseline DIR_OR_ID|tiny:gpt2] [--max_rows N]
+    python -m sft_recipes.evaluate RECIPE.yaml [--model DIR] [--baseline DIR_OR_ID|tiny:gpt2] [--output_dir DIR]
 
 For every eval conversation the model answers the conversation up to its last assistant turn (greedy,
 batched); the answer is scored against that turn with ROUGE-L, corpus BLEU and normalised exact match.
@@ -8,13 +8,16 @@ Eval loss and perplexity come from a forward pass over the same rows with the tr
 over all trained tokens). The eval rows are chosen as training chose them (same data, split and seed).
 The baseline (e.g. `tiny:gpt2`, the untrained starting point of the embedded default) is loaded as
 training loads its starting model and prompted with the evaluated model's chat template.
+The model is any output folder of a run: a full model, a LoRA adapter (applied to its base), a checkpoint.
 Writes report.md, metrics.json, predictions.jsonl (and loss.png when the model dir has a log history)
-into --output (default: the model dir).
+into --output_dir (default: the model dir). Recipe keys that choose or mask the eval rows may follow
+(e.g. `--eval_split 0.1`); keys only training reads are refused.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import math
 import re
@@ -27,10 +30,14 @@ from rich.table import Table
 
 from . import generate as gen
 from . import masking, metrics, report, sources, templates
-from .config import parse_recipe
+from .config import flag_keys, parse_recipe
 from .errors import RecipeError, cli
-from .trainer import load_model, load_tokenizer, mask_options
+from .models import load_model, load_tokenizer, load_trained
+from .trainer import mask_options
 
+# The recipe keys evaluation reads from the command line: which rows, how they are masked, the loss batch.
+RECIPE_KEYS = ("datasets", "eval_datasets", "eval_split", "seed", "dataset_num_proc", "strict", "train_on",
+               "train_on_inputs", "truncation", "max_length", "verify_masks", "per_device_eval_batch_size")
 # (key, label, format spec); the change column uses the same spec with a sign.
 METRICS = (("rouge_l", "ROUGE-L F", ".4f"), ("bleu", "BLEU (0-100)", ".2f"), ("exact_match", "exact match", ".2%"),
            ("eval_loss", "eval loss", ".4f"), ("perplexity", "perplexity", ".2f"))
@@ -67,7 +74,7 @@ def split_reference(messages):
 
 # ---------------------------------------------------------------- models
 def load_evaluated(path: str):
-    model, tokenizer = gen.load(path)
+    model, tokenizer = load_trained(path)
     tokenizer.end_of_turn = templates.template_meta(tokenizer.chat_template, tokenizer)["end_of_turn"]
     return model, tokenizer
 
@@ -271,15 +278,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.evaluate", description=__doc__, allow_abbrev=False,
                                      usage="%(prog)s RECIPE.yaml [--model DIR] [options] [--recipe_key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="trained output dir (default: the recipe's output_dir)")
+    parser.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe the model was trained with")
+    parser.add_argument("--model", help="a run's output_dir (full model or LoRA adapter), a checkpoint-* folder "
+                                        "or a merged model (default: the recipe's output_dir)")
     parser.add_argument("--baseline", help="model to compare with: an output dir, a Hub id, or tiny:gpt2")
     parser.add_argument("--max_rows", type=int, help="evaluate only the first N eval rows")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16, help="generation batch size")
     parser.add_argument("--examples", type=int, default=5, help="examples shown in the report")
-    parser.add_argument("--output", help="folder for report.md / metrics.json (default: the model dir)")
+    parser.add_argument("--output_dir", "--output", dest="output",
+                        help="folder for report.md, metrics.json, predictions.jsonl (default: the model dir)")
     args, rest = parser.parse_known_args(argv)
-    recipe = parse_recipe(rest)
+    _refuse_unread(rest, parser)
+    recipe = parse_recipe([args.recipe, *rest])
     model_dir = args.model or recipe.sft.output_dir
     if not Path(model_dir).is_dir():
         raise RecipeError(f"model folder not found: {model_dir}")
@@ -287,6 +298,17 @@ def main(argv=None):
         raise RecipeError(f"--max_rows must be at least 1, got {args.max_rows}")
     run(recipe, model_dir, baseline=args.baseline, max_rows=args.max_rows, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, output=args.output, examples=args.examples)
+
+
+def _refuse_unread(rest: list[str], parser):
+    """A flag that is neither ours nor a recipe key evaluation reads would change nothing: say so."""
+    ours = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    for key in flag_keys(rest):
+        if key.replace("-", "_") not in RECIPE_KEYS:  # TRL takes --eval-split for --eval_split too
+            close = difflib.get_close_matches(key, ours + list(RECIPE_KEYS), n=1, cutoff=0.6)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise RecipeError(f"--{key}: evaluate does not use it; {hint}it takes {', '.join('--' + o for o in ours)}"
+                              f" and the recipe keys {', '.join(RECIPE_KEYS)}")
 
 
 if __name__ == "__main__":

@@ -436,9 +436,9 @@ def _role(turn, at, path, keys, roles):
     role = roles.get(value, roles.get(value.lower()))
     if role is None:
         raise at.error(f"unknown role '{value}'", f"{path}.{key}",
-                       hint=f"Known roles: {', '.join(sorted(roles))}; map yours with the "
-                            f"`roles:` option, e.g. roles: {{{value}: user}} (or assistant, if "
-                            f"those are the lines the model should learn to write)")
+                       hint=f"Known roles: {', '.join(sorted(roles))}; map yours to the part it plays with "
+                            f"`roles:` (`--roles` in the checker): `user` for the one asking, `assistant` "
+                            f"only for the lines the model should learn to write, e.g. roles: {{{value}: user}}")
     return value, role
 
 

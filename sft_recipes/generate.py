@@ -17,41 +17,17 @@ import sys
 import torch
 from datasets import Value
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from transformers.utils import logging as hf_logging
+from transformers import set_seed
 
 from . import formats, sources, templates
 from .errors import RecipeError, cli
-from .hub import from_pretrained
+from .models import load_trained, stop_ids
 
 logger = logging.getLogger("sft_recipes")
 DEFAULTS = {"temperature": 0.7, "top_p": None, "top_k": None, "max_new_tokens": 256, "seed": None}
 
 
 # ---------------------------------------------------------------- model
-def load(path: str):
-    """(model, tokenizer) from a trained output dir; the tokenizer must carry its chat template."""
-    tokenizer = from_pretrained(AutoTokenizer, path)
-    if not tokenizer.chat_template:
-        raise RecipeError(f"{path}: the tokenizer has no chat template; is this a folder written by "
-                          "`python -m sft_recipes.run`?")
-    model = from_pretrained(AutoModelForCausalLM, path, dtype="auto")
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, tokenizer
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a response: the generation config's EOS list, plus the template's
-    declared end-of-turn token and the tokenizer's EOS (for models saved without that config)."""
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured])
-    end = templates.template_meta(tokenizer.chat_template or "", tokenizer)["end_of_turn"]
-    for token in (end, tokenizer.eos_token):
-        if token and token in tokenizer.get_vocab():
-            ids.add(tokenizer.convert_tokens_to_ids(token))
-    return sorted(i for i in ids if i is not None)
-
-
 def context_budget(model, max_new_tokens: int) -> int | None:
     """How many prompt tokens fit beside `max_new_tokens` in the model's context (None: no limit known)."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -153,30 +129,33 @@ def response_text(tokenizer, new_ids: list[int], stops) -> str:
 
 
 # ---------------------------------------------------------------- files
-def read_file(path: str):
-    """(raw rows, canonical rows) of a local data file in any format `formats` knows. Rows need no
-    answer: an Alpaca/instruction file without `output`/`response`, or prompts without
-    `completion`, get a blank one (the row is then all prompt)."""
-    spec = sources.DatasetSpec(path=path)
+def read_file(path: str, format: str | None = None, columns: dict | None = None, roles: dict | None = None):
+    """(raw rows, canonical rows) of a local data file in any format `formats` knows (`format`, `columns`
+    and `roles` as in a recipe's dataset entry). Rows need no answer: an Alpaca/instruction file without
+    `output`/`response`, or prompts without `completion`, get a blank one (the row is then all prompt)."""
+    spec = sources.DatasetSpec.from_dict({"path": path, "format": format or "auto", "columns": columns,
+                                          "roles": roles}, path)
     files = sources._local_files(spec)
     if not files:
         raise RecipeError(f"{path}: file not found")
     raw = sources._load_local(files, spec)
     if len(raw) == 0:
         raise RecipeError(f"{path}: no records")
-    ds = _with_blank_answers(raw)
-    return raw, formats.convert(ds, formats.detect_format(ds.column_names, path), source=path)
+    ds = _with_blank_answers(raw, columns)
+    fmt = spec.format if spec.format != "auto" else formats.detect_format(ds.column_names, path, columns=columns)
+    return raw, formats.convert(ds, fmt, source=path, columns=columns, roles=roles)
 
 
-def _with_blank_answers(ds):
-    """Generation needs no answers: a missing answer column, or a row without an answer, gets a blank one."""
-    cols = set(ds.column_names)
+def _with_blank_answers(ds, columns: dict | None = None):
+    """Generation needs no answers: a missing answer column, or a row without an answer, gets a blank one.
+    `columns` maps fields to the file's own column names, as in a recipe."""
+    cols, named = set(ds.column_names), lambda field: (columns or {}).get(field, field)
     for prompt, answers in (("instruction", ("output", "response")), ("prompt", ("completion",))):
-        present = [a for a in answers if a in cols]
-        if prompt not in cols:
+        present = [named(a) for a in answers if named(a) in cols]
+        if named(prompt) not in cols:
             continue
         if not present:
-            ds = ds.add_column(answers[0], [""] * len(ds))
+            ds = ds.add_column(named(answers[0]), [""] * len(ds))
         elif ds.features[present[0]] == Value("string"):
             ds = ds.map(_blank_nulls, input_columns=present[0], batched=True, fn_kwargs={"column": present[0]})
     return ds
@@ -186,8 +165,9 @@ def _blank_nulls(values, column):
     return {column: ["" if v is None else v for v in values]}
 
 
-def generate_file(model, tokenizer, path, output, *, system=None, batch_size=16, **sampling) -> int:
-    raw, rows = read_file(path)
+def generate_file(model, tokenizer, path, output, *, system=None, batch_size=16, read=None, **sampling) -> int:
+    """`read`: the file's `format`, `columns` and `roles` (see `read_file`)."""
+    raw, rows = read_file(path, **(read or {}))
     prompts = [r["text"] if r["text"] is not None else _with_system(prompt_messages(r["messages"]), system)
                for r in rows]
     responses = generate(model, tokenizer, prompts, tools=rows["tools"], batch_size=batch_size, progress=True,
@@ -227,26 +207,32 @@ def sampling_from(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a trained output dir (model + tokenizer + template)")
+    parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
+                                                       "checkpoint-* folder in it, or a merged model")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the instruction")
     what.add_argument("--file", help="a .json/.jsonl/.csv/.parquet file of rows in any supported format")
     parser.add_argument("--input", help="Alpaca `input` for --prompt (printed as its ### Input block)")
     parser.add_argument("--system", help="system prompt (for --file: added where a row has none)")
     parser.add_argument("--output", help="--file results as JSON lines: each row + `response` (default stdout)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, help="--file rows generated together (default 16)")
+    sources.add_file_options(parser, "--file")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()  # stdout carries only responses; keep stderr quiet too
+    file_only = {"--output": args.output, "--batch_size": args.batch_size, "--format": args.format,
+                 "--columns": args.columns, "--roles": args.roles}
+    given = [flag for flag, value in file_only.items() if value is not None]
+    if args.prompt is not None and given:
+        raise RecipeError(f"{given[0]} goes with --file; --prompt prints its one response")
     if args.file and args.input:
         raise RecipeError("--input goes with --prompt; with --file each row carries its own")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_trained(args.model)
     if args.prompt is not None:
         messages = alpaca_messages(args.prompt, args.input, args.system)
         print(generate(model, tokenizer, [messages], **sampling_from(args))[0])
         return
-    n = generate_file(model, tokenizer, args.file, args.output, system=args.system, batch_size=args.batch_size,
-                      **sampling_from(args))
+    n = generate_file(model, tokenizer, args.file, args.output, system=args.system, batch_size=args.batch_size or 16,
+                      read=dict(format=args.format, columns=args.columns, roles=args.roles), **sampling_from(args))
     if args.output:
         print(f"wrote {n} responses to {args.output}", file=sys.stderr)
 

@@ -33,9 +33,20 @@ def offline_if_unreachable(timeout: float = 3.0) -> bool:
         return True
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id (`org/name`): explicit path syntax, or a first folder that exists here
+    (`runs/nope` when there is a `runs/`)."""
+    parts = Path(name).parts
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or (len(parts) > 1 and Path(parts[0]).is_dir()))
+
+
 def from_pretrained(loader, name: str, **kwargs):
     """`loader.from_pretrained(name)`, with an unreachable or missing model as one clear line."""
+    name = os.path.expanduser(name)  # the loaders take `~` literally
     if not Path(name).exists():
+        if looks_like_path(name):
+            raise RecipeError(f"{name}: model folder not found (relative paths start from {Path.cwd()})")
         offline_if_unreachable()
     try:
         return loader.from_pretrained(name, **kwargs)

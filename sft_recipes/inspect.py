@@ -1,5 +1,9 @@
 """See what will be trained, before training: `python -m sft_recipes.inspect RECIPE.yaml [-n 3]
-[--export FILE.jsonl] [--key value ...]`. Loads the tokenizer only, never the model weights."""
+[--export FILE.jsonl] [--key value ...]`. Loads the tokenizer only, never the model weights.
+
+Prints sample rows with the trained tokens highlighted, rows kept and refused per split with reasons,
+and length percentiles. Recipe keys may follow as for `run`, and are checked as `run` checks them, so
+a run's command line can be inspected as it is."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +16,9 @@ from rich.text import Text
 from .config import parse_recipe
 from .errors import cli
 from .masking import example_messages
+from .models import load_tokenizer
 from .summary import data_notes, data_table, refusal_examples
-from .trainer import load_tokenizer, masked_datasets
+from .trainer import masked_datasets
 
 
 def highlight(ids, labels, tokenizer, reasoning=()) -> Text:
@@ -51,11 +56,14 @@ def export(path, splits: dict, tokenizer):
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.inspect", description=__doc__,
+                                     usage="%(prog)s RECIPE.yaml [-n N] [--export FILE] [--key value ...]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe to inspect")
     parser.add_argument("-n", type=int, default=3, help="sample rows to show")
     parser.add_argument("--export", help="write every kept row as JSON lines: input_ids, labels, messages")
     args, rest = parser.parse_known_args(argv)
-    recipe = parse_recipe(rest)
+    recipe = parse_recipe([args.recipe, *rest])
     tokenizer = load_tokenizer(recipe)
     train, evals, stats = masked_datasets(recipe, tokenizer)
     console = Console()

@@ -11,59 +11,21 @@ config whose EOS list keeps the end-of-turn token, so `python -m sft_recipes.gen
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from . import tiny
 from .errors import RecipeError, cli
-from .generate import stop_ids
-from .hub import from_pretrained
+from .models import base_of, load_trained
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def base_of(adapter_dir: Path, base: str | None = None) -> str:
-    """The base model to load: `base`, else the adapter's own record; `tiny:gpt2` becomes its local folder."""
-    config_file = adapter_dir / "adapter_config.json"
-    if not adapter_dir.is_dir():
-        raise RecipeError(f"{adapter_dir}: no such adapter folder")
-    if not config_file.is_file():
-        found = "a full model, not an adapter" if (adapter_dir / "config.json").is_file() else "no adapter_config.json"
-        raise RecipeError(f"{adapter_dir}: not a PEFT adapter folder ({found}); give the output_dir "
-                          "(or a checkpoint-* folder) of a run with `use_peft: true`")
-    try:
-        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    except ValueError as e:
-        raise RecipeError(f"{config_file}: not valid JSON ({e})") from None
-    name = base or recorded
-    if not name:
-        raise RecipeError(f"{config_file} names no base model; pass --base ID_OR_PATH")
-    if name == tiny.TINY_MODEL_ID:
-        return str(tiny.tiny_model_path())
-    if not base and Path(name).is_absolute() and not Path(name).exists():
-        raise RecipeError(f"the base model folder {name} (from {config_file}) no longer exists; "
-                          "pass --base ID_OR_PATH (`tiny:gpt2` for the embedded tiny model)")
-    return name
-
-
 def merge(adapter_dir, output, base: str | None = None, dtype: str = "auto") -> Path:
     """Merge `adapter_dir` into its base and save everything to `output`; returns the output folder."""
-    from peft import PeftModel
-
     adapter_dir, output = Path(adapter_dir), Path(output)
-    base_path = base_of(adapter_dir, base)
+    base_of(adapter_dir, base)  # refuses anything but an adapter with a base to load
     if output.resolve() == adapter_dir.resolve():
         raise RecipeError("--output must be a different folder from the adapter")
-    tokenizer = from_pretrained(AutoTokenizer, str(adapter_dir))
-    model = from_pretrained(AutoModelForCausalLM, base_path, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # as in training, so the shapes match
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.generation_config.eos_token_id = stop_ids(model, tokenizer)
-    if tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = load_trained(str(adapter_dir), base, dtype)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)  # carries the chat template

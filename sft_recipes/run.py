@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import logging
+import sys
 
-from .config import parse_recipe
+from .config import flag_keys, parse_recipe, recipe_help_parser
 from .errors import cli
 from .trainer import train
+
+PROG = "python -m sft_recipes.run"
 
 
 @cli
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    helper = recipe_help_parser(PROG, "Fine-tune a model on a recipe's data with assistant-only masks (TRL "
+                                      "SFTTrainer underneath), then save the model, its tokenizer and a model card.")
+    if "--help-all" in argv:
+        parse_recipe(["--help"])  # TRL's parser: every key of ModelConfig and SFTConfig
+    if {"-h", "--help"} & set(argv):
+        helper.print_help()
+        return
+    if not argv or (argv[0].startswith("-") and "model_name_or_path" not in flag_keys(argv)):
+        helper.error("give a recipe (e.g. recipes/tiny_alpaca.yaml), or --model_name_or_path and --datasets")
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
     train(parse_recipe(argv))
 

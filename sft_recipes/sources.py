@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from datasets import Dataset, Features, Json, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
@@ -150,7 +151,7 @@ def _remove_drops(rows: Dataset, where, *, num_proc, strict):
         if strict:
             raise data_error(where, f"{drops.total()} of {len(rows)} records are unusable "
                              f"({summary}; first: record {first})",
-                             hint="Fix them, or set `strict: false` to drop them instead")
+                             hint="Fix them, or turn `strict` off to drop them instead")
         if drops.total() == len(rows):
             raise data_error(where, f"all {len(rows)} records are unusable ({summary})",
                              hint="Nothing is left to train on")
@@ -225,8 +226,7 @@ def _expand(data_files, base: Path, where) -> list[str]:
 
 
 def _looks_like_path(path: str) -> bool:
-    return (path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
-            or Path(path).suffix.lower() in _PATH_SUFFIXES)
+    return hub.looks_like_path(path) or Path(path).suffix.lower() in _PATH_SUFFIXES
 
 
 def _load(spec, files) -> Dataset | list[dict]:
@@ -349,20 +349,39 @@ def _is_single_object(text) -> bool:
 
 # ---------------------------------------------------------------- the data checker
 
+def flag_value(text: str):
+    """A structured value typed on the command line, read as YAML, so JSON works too: `--roles '{agent: assistant}'`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"not YAML or JSON: {text!r}") from None
+
+
+def add_file_options(parser, which: str = "the file"):
+    """A dataset entry's `format`, `columns` and `roles` as flags, for the commands that read one data file."""
+    parser.add_argument("--format", help=f"the layout of {which}: auto (the default) or one of {', '.join(FORMATS)}")
+    parser.add_argument("--columns", type=flag_value, metavar="YAML",
+                        help="map fields to your column names, e.g. '{instruction: question, output: answer}'")
+    parser.add_argument("--roles", type=flag_value, metavar="YAML",
+                        help="map your role names to ours, e.g. '{customer: user, agent: assistant}'")
+
+
 @cli
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
-                                 description="Check a data file before training.")
+                                 description="Check a data file before training: the format found, rows kept and "
+                                             "dropped (and why), the roles seen and the first conversation.")
     ap.add_argument("path", help="file, folder, glob or Hub id")
-    ap.add_argument("--format", default="auto", help=f"auto or one of: {', '.join(FORMATS)}")
+    add_file_options(ap)
     ap.add_argument("--num-proc", type=int, default=None)
     ap.add_argument("--strict", action="store_true", help="unusable rows are an error")
     args = ap.parse_args(argv)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
 
-    spec = DatasetSpec(path=args.path, format=args.format)
+    spec = DatasetSpec.from_dict({"path": args.path, "format": args.format or "auto", "columns": args.columns,
+                                  "roles": args.roles}, args.path)
     ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
-    print(f"format:  {fmt}" + (" (detected)" if args.format == "auto" else ""))
+    print(f"format:  {fmt}" + (" (detected)" if spec.format == "auto" else ""))
     print(f"kept:    {len(ds)} rows")
     print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" for r, n in drops.most_common()))
     roles = _role_counts(ds)

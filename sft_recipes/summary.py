@@ -10,13 +10,13 @@ from rich.table import Table
 def data_table(stats: dict, title: str = "data") -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
     for col in ("split", "rows", "examples", "dropped (reason: rows or examples)", "truncated", "tokens", "trained"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold")  # a long reason wraps on a narrow terminal; never cut
     for split, st in stats.items():
         if not st:
             continue
         lost = {**st["dropped"], **st["refused"]}
         table.add_row(split, f"{st['rows']:,}", f"{st['examples']:,}",
-                      ", ".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+                      "\n".join(f"{k}: {v}" for k, v in lost.items()) or "none",
                       f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
     return table
 

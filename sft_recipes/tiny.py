@@ -1,10 +1,13 @@
-"""The embedded offline default: a small Alpaca task set and a tiny GPT-2 built locally from it.
+"""The embedded offline default: a small Alpaca task set, multi-turn chats with tool calls made of the
+same tasks, and a tiny GPT-2 built locally from the tasks.
 
-`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json (the shipped
-file; this generator documents how it was made). `tiny_model_path()` builds the model on first use.
+`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json and
+recipes/data/tiny_chats.jsonl (the shipped files; this generator documents how they were made).
+`tiny_model_path()` builds the model on first use.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import operator
@@ -17,6 +20,7 @@ from pathlib import Path
 
 TINY_MODEL_ID = "tiny:gpt2"
 DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
+CHATS_FILE = DATA_FILE.with_name("tiny_chats.jsonl")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # Everything that shapes the built model is in these two dicts, which go into the cache hash
@@ -108,6 +112,38 @@ def generate_tasks(n: int = 2500, seed: int = 0) -> list[dict]:
     return rows
 
 
+CAPITAL_TOOL = {"name": "get_capital", "description": "Look up the capital city of a country.",
+                "parameters": {"type": "object", "properties": {"country": {"type": "string"}},
+                               "required": ["country"]}}
+
+
+def generate_chats(n: int = 300, seed: int = 0) -> list[dict]:
+    """`n` ShareGPT conversations of 2-4 tasks each; every other one offers the `get_capital` tool and ends
+    with a lookup (function_call, observation, answer), the shape of tool-calling data."""
+    rng, chats = random.Random(seed), []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(2, 4)):
+            row = _row(rng, rng.choice(TASKS))
+            question = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": row["output"]}]
+        chat = {"conversations": turns}
+        if i % 2:
+            country = rng.choice(sorted(CAPITALS))
+            call = {"name": CAPITAL_TOOL["name"], "arguments": {"country": country}}
+            turns += [{"from": "human", "value": f"Look up the capital of {country}."},
+                      {"from": "function_call", "value": json.dumps(call)},
+                      {"from": "observation", "value": json.dumps({"capital": CAPITALS[country]})},
+                      {"from": "gpt", "value": f"The capital of {country} is {CAPITALS[country]}."}]
+            chat["tools"] = json.dumps([CAPITAL_TOOL])
+        chats.append(chat)
+    return chats
+
+
+def _dump_lines(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def _dump(rows: list[dict]) -> str:
     return json.dumps(rows, indent=1, ensure_ascii=False) + "\n"
 
@@ -168,11 +204,17 @@ def tiny_model_path() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if (sys.argv[1:] if argv is None else argv) != ["--write-data"]:
-        sys.exit("usage: python -m sft_recipes.tiny --write-data")
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.tiny", description=(
+        "Regenerate the embedded default's shipped data: recipes/data/tiny_tasks.json (Alpaca tasks) and "
+        "recipes/data/tiny_chats.jsonl (multi-turn ShareGPT with tool calls). The tiny model itself "
+        "(`model_name_or_path: tiny:gpt2`) builds on first use."))
+    parser.add_argument("--write-data", action="store_true", help="write both files (they are deterministic)")
+    if not parser.parse_args(argv).write_data:
+        parser.error("nothing to do: pass --write-data")
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
     DATA_FILE.write_text(_dump(generate_tasks()), "utf-8")
-    print(f"wrote {DATA_FILE}", file=sys.stderr)
+    CHATS_FILE.write_text(_dump_lines(generate_chats()), "utf-8")
+    print(f"wrote {DATA_FILE} and {CHATS_FILE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

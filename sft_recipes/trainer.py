@@ -1,4 +1,4 @@
-"""Wire a recipe into TRL: tokenizer + template, masked datasets, model (+ PEFT), `SFTTrainer`, train, save.
+"""Wire a recipe into TRL: masked datasets, tokenizer and model (`models.py`), PEFT, `SFTTrainer`, train, save.
 
 Library use:
     from sft_recipes import load_recipe, train
@@ -10,57 +10,26 @@ import gc
 import json
 import logging
 import math
-import os
 import signal
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainerCallback, set_seed
-from trl import get_peft_config, get_quantization_config
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from trl import get_peft_config
 
-from . import hub, masking, report, sources, templates, tiny
+from . import masking, report, sources
 from .packing import Trainer
 from .config import Recipe, changed_values
 from .errors import RecipeError
+from .models import load_model, load_tokenizer
 from .summary import print_summary
 
 logger = logging.getLogger("sft_recipes")
-PAD_TOKEN = "<|pad|>"
 
 
-# ---------------------------------------------------------------- tokenizer and template
-def model_path(recipe: Recipe) -> str:
-    name = recipe.model.model_name_or_path
-    if not name:
-        raise RecipeError("the recipe has no `model_name_or_path`")
-    if name == tiny.TINY_MODEL_ID:
-        with PartialState().main_process_first():  # one process builds, the others wait and load
-            return str(tiny.tiny_model_path())
-    return name
-
-
-def load_tokenizer(recipe: Recipe):
-    """The tokenizer with the recipe's chat template set, its special tokens and a pad token added."""
-    m = recipe.model
-    tokenizer = hub.from_pretrained(AutoTokenizer, model_path(recipe), revision=m.model_revision,
-                                 trust_remote_code=recipe.sft.trust_remote_code)
-    source = templates.load_template(recipe.data.chat_template, tokenizer)
-    meta = templates.template_meta(source, tokenizer)
-    missing = [t for t in meta["special_tokens"] if t not in tokenizer.get_vocab()]
-    if missing:  # so each marker is one token: no BPE merge across a turn boundary, and a clean stop
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_extra_special_tokens=False)
-    tokenizer.template_token_ids = tokenizer.convert_tokens_to_ids(missing)  # new rows to train under LoRA
-    if tokenizer.pad_token is None:  # distinct from EOS, so EOS is never mistaken for padding
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    tokenizer.chat_template = source
-    tokenizer.end_of_turn = meta["end_of_turn"]
-    return tokenizer
-
-
+# ---------------------------------------------------------------- masks
 def mask_options(recipe: Recipe, tokenizer) -> masking.MaskOptions:
     d = recipe.data
     return masking.MaskOptions(template=tokenizer.chat_template, end_of_turn=getattr(tokenizer, "end_of_turn", None),
@@ -107,11 +76,11 @@ def masked_datasets(recipe: Recipe, tokenizer):
             if st and st["refused"]:
                 reason, n = next(iter(st["refused"].items()))
                 raise RecipeError(f"strict: {n} {split} examples refused ({reason}: {st['examples_refused'][reason][0]}); "
-                                  "fix the data or template, or set `strict: false` to drop them")
+                                  "fix the data or template, or turn `strict` off to drop them")
             if st and st["reasoning_unprinted"]:
                 raise RecipeError(f"strict: the template prints no reasoning for {st['reasoning_unprinted']} {split} "
                                   "turns that have some; choose a template that prints it, set `reasoning: drop`, "
-                                  "or set `strict: false`")
+                                  "or turn `strict` off")
     return train, evals, stats
 
 
@@ -150,39 +119,6 @@ def _stats(ds, drops: Counter) -> dict:
 def _trainable(ds):
     ds = ds.filter(lambda drop: [d is None for d in drop], input_columns="drop", batched=True, desc="Dropping refused")
     return ds.select_columns(["input_ids", "labels"])
-
-
-# ---------------------------------------------------------------- model
-def load_model(recipe: Recipe, tokenizer):
-    m = recipe.model
-    quantization = get_quantization_config(m)
-    if quantization is not None:
-        import torch
-        if not torch.cuda.is_available():
-            raise RecipeError("load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU and bitsandbytes; "
-                              "remove them to train on CPU")
-    if recipe.sft.trust_remote_code:
-        warnings.warn("trust_remote_code is true: the model repository's own Python code will run", stacklevel=2)
-    kwargs = dict(revision=m.model_revision, trust_remote_code=recipe.sft.trust_remote_code, dtype=m.dtype or "auto",
-                  attn_implementation=m.attn_implementation, quantization_config=quantization,
-                  device_map=_quantized_device_map(quantization))
-    model = hub.from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
-        model.resize_token_embeddings(len(tokenizer))
-    stop = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(tokenizer.end_of_turn)]
-                                       if tokenizer.end_of_turn in tokenizer.get_vocab() else [])
-    model.generation_config.eos_token_id = sorted(set(i for i in stop if i is not None))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def _quantized_device_map(quantization):
-    """A quantized model is placed on this process's GPU, except under ZeRO-3 / FSDP, which place it themselves."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    sharded = is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    return None if quantization is None or sharded else {"": PartialState().local_process_index}
 
 
 # ---------------------------------------------------------------- trainer

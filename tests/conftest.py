@@ -37,3 +37,18 @@ def tiny_trained(tmp_path_factory):
                       eval_strategy="no", eval_split=0.05, disable_tqdm=True,
                       datasets=[{"path": str(ROOT / "recipes" / "data" / "tiny_tasks.json")}]))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory):
+    """The tiny model trained with LoRA under ChatML, whose <|im_start|>/<|im_end|> are new tokens (trained as
+    PEFT trainable tokens, the embeddings resized): (trainer, adapter output dir), once per session."""
+    from sft_recipes import load_recipe, train
+
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    trainer = train(load_recipe(str(ROOT / "recipes" / "tiny_alpaca.yaml"), chat_template="chatml", use_peft=True,
+                                lora_r=8, lora_alpha=16, lora_target_modules="all-linear", max_steps=6,
+                                per_device_train_batch_size=8, learning_rate=1e-2, eval_strategy="no", eval_split=0,
+                                output_dir=str(out), disable_tqdm=True,
+                                datasets=[{"path": str(ROOT / "recipes" / "data" / "tiny_tasks.json")}]))
+    return trainer, out

@@ -26,7 +26,7 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
                                "Known roles:", "roles:"]),
     ("no_assistant.json", [], ["all 2 records are unusable", "no_assistant_turn"]),
     ("empty_assistant_strict.json", ["--strict"], ["1 of 3 records are unusable", "empty_response",
-                                                   "record 1", "strict: false"]),
+                                                   "record 1", "turn `strict` off"]),
     ("content_not_string.json", [], ["record 0", "field 'messages[1].content'", "got a number"]),
     ("messages_not_list.json", [], ["record 1", "field 'messages'", "expected a list of messages"]),
     ("ambiguous.json", [], ["several formats", "alpaca", "instruction", "format:"]),
@@ -115,3 +115,22 @@ def test_checker_report_on_good_data(tmp_path, capsys):
     for line in ["format:  alpaca (detected)", "kept:    1 rows", "dropped: 1", "empty_response: 1",
                  "roles:   user 1, assistant 1", "first conversation:", "[user]", "Say hi."]:
         assert line in out, out
+
+
+@pytest.mark.parametrize("file, hint, option", [
+    ("no_known_columns.json", "columns:", ["--columns", "{instruction: question, output: answer}"]),
+    ("unknown_role.json", "roles:", ["--roles", "{bot: assistant}"]),
+])
+def test_the_checker_has_the_options_its_hints_name(file, hint, option, command_results):
+    """The hint names `columns:` / `roles:`; the checker takes --columns / --roles (YAML or JSON), and with the
+    mapping the same file checks clean."""
+    assert hint in command_results[case_id((file, [], None))].stderr
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.sources", f"tests/bad_inputs/{file}", *option],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped: 0" in proc.stdout and "roles:   " in proc.stdout
+
+
+def test_strict_in_the_checker_is_undone_by_turning_it_off(command_results):
+    proc = command_results[case_id(("empty_assistant_strict.json", ["--strict"], None))]
+    assert "`strict: false`" not in proc.stderr and "turn `strict` off" in proc.stderr

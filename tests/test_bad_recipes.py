@@ -40,7 +40,9 @@ CASES = [
     ("max_length_shorter_than_header", BASE + "max_length: 6\n", [],
      ["no train rows left", "no_trained_tokens_after_truncation"]),
     ("missing_local_model", BASE.replace("tiny:gpt2", "./models/nothing-here"), [],
-     ["could not load './models/nothing-here'"]),
+     ["./models/nothing-here: model folder not found"]),
+    ("missing_model_in_an_existing_folder", BASE.replace("tiny:gpt2", "recipes/nothing-here"), [],
+     ["recipes/nothing-here: model folder not found"]),  # `org/name`-shaped, but recipes/ is a folder here
     ("qlora_on_cpu", BASE + "use_peft: true\nload_in_4bit: true\n", [], ["need a CUDA GPU"]),
     ("early_stopping_without_eval", BASE + "early_stopping_patience: 2\n", [], ["early_stopping_patience needs"]),
     ("eval_without_eval_data", BASE + "eval_strategy: steps\n", [], ["no eval data", "eval_split"]),
@@ -51,6 +53,10 @@ CASES = [
     ("cli_typo", None, ["--lerning_rate", "1e-3"], ["unknown key 'lerning_rate'", "'learning_rate'"]),
     ("cli_bad_int", None, ["--max_steps", "many"], ["max_steps", "invalid int value: 'many'"]),
     ("cli_bad_choice", None, ["--truncation", "middle"], ["truncation", "invalid choice: 'middle'"]),
+    ("trl_data_key", BASE + "assistant_only_loss: true\n", [], ["assistant_only_loss", "use `train_on`"]),
+    ("cli_trl_data_key", None, ["--dataset_text_field", "prompt"], ["dataset_text_field", "columns"]),
+    ("cli_datasets_not_yaml", None, ["--datasets", "[{path: x"], ["--datasets", "not YAML or JSON"]),
+    ("cli_datasets_missing_file", None, ["--datasets", "data/nope.jsonl"], ["data/nope.jsonl", "not found"]),
     ("cli_missing_checkpoint", None, ["--resume_from_checkpoint", "/no/such/checkpoint"],
      ["no checkpoint folder at /no/such/checkpoint"]),
 ]

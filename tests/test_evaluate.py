@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -126,6 +128,21 @@ def test_cli_writes_into_the_model_dir_and_refuses_a_recipe_without_eval_data(ti
     with pytest.raises(SystemExit) as e:
         ev.main([RECIPE, "--model", str(model), "--eval_split", "0"])
     assert e.value.code == 2 and "no eval data" in capsys.readouterr().err
+
+
+def test_a_lora_output_folder_evaluates_into_the_output_dir_asked_for(tiny_lora, tmp_path):
+    """A LoRA run's output folder loads (adapter on its base), and `--output_dir` is where the files go,
+    not a recipe key swallowed while everything lands in the model folder."""
+    adapter, out = tiny_lora[1], tmp_path / "eval"
+    before = sorted(p.name for p in adapter.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.evaluate", RECIPE, "--model", str(adapter),
+                           "--max_rows", "3", "--max_new_tokens", "4", "--output_dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"report.md", "metrics.json", "predictions.jsonl"}
+    assert json.loads((out / "metrics.json").read_text())["model"]["generated_rows"] == 3
+    assert sorted(p.name for p in adapter.iterdir()) == before
+    assert f"wrote {out / 'report.md'}" in " ".join(proc.stdout.split())
 
 
 # ---------------------------------------------------------------- loss plot

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from sft_recipes import chat, formats, generate, masking, templates
+from sft_recipes import chat, formats, generate, masking, models, templates
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"instruction": "Reverse the word.", "input": "lemon", "output": "nomel", "system": None},
@@ -24,7 +24,7 @@ ROWS = [{"instruction": "Reverse the word.", "input": "lemon", "output": "nomel"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_trained):
-    model, tokenizer = generate.load(str(tiny_trained))
+    model, tokenizer = models.load_trained(str(tiny_trained))
     tokenizer.end_of_turn = templates.template_meta(tokenizer.chat_template, tokenizer)["end_of_turn"]
     return model, tokenizer
 
@@ -222,3 +222,125 @@ def test_chat_ends_cleanly_at_end_of_input(tiny_trained):
     proc = run_chat(tiny_trained, "Reverse the word: lemon.\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("assistant: ") == 1 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- any output folder, as a new user types it
+def command(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout)
+
+
+def one_error(proc) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
+
+
+def test_a_lora_output_folder_generates_as_its_merged_model(tiny_lora, tmp_path):
+    trainer, adapter = tiny_lora
+    proc = command("sft_recipes.generate", "--model", str(adapter), "--prompt", "Reverse the word.", "--input", "lemon",
+                   "--temperature", "0", "--max_new_tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""  # no warnings, no progress bars
+    # The adapter is applied exactly as trained: greedy output of the live PEFT model.
+    model, tokenizer = models.load_trained(str(adapter))
+    live = trainer.model.eval()
+    ids = tokenizer(generate.prompt_text(tokenizer, generate.alpaca_messages("Reverse the word.", "lemon")),
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, live(input_ids=ids).logits, rtol=0, atol=1e-4)
+    expected = generate.generate(model, tokenizer, [generate.alpaca_messages("Reverse the word.", "lemon")],
+                                 temperature=0, max_new_tokens=6)[0]
+    assert proc.stdout == expected + "\n"
+
+
+def test_a_lora_output_folder_chats(tiny_lora):
+    proc = command("sft_recipes.chat", "--model", str(tiny_lora[1]), "--max_new_tokens", "3",
+                   stdin="Reverse the word: lemon.\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("assistant: ") == 1
+
+
+def test_a_folder_that_is_not_a_model_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    line = one_error(command("sft_recipes.generate", "--model", str(tmp_path), "--prompt", "Hi"))
+    assert line == (f"error: {tmp_path}: not a model folder (no config.json or adapter_config.json); give a run's "
+                    "output_dir, a checkpoint-* folder in it, or a merged model")
+
+
+def test_a_typo_in_a_local_model_path_is_not_found_not_a_network_failure():
+    # `recipes/` exists here, so `recipes/tiny_alpacca` is a path, though it is shaped like a Hub id `org/name`.
+    for path in ("recipes/tiny_alpacca", "./runs/nope"):
+        line = one_error(command("sft_recipes.generate", "--model", path, "--prompt", "Hi"))
+        assert line == f"error: {path}: model folder not found (relative paths start from {ROOT})"
+
+
+def test_file_mode_takes_the_options_its_hints_name(tiny_trained, tmp_path):
+    """Hints say `format:` and `columns:`; generate --file has --format and --columns."""
+    both = tmp_path / "both.jsonl"  # alpaca and instruction at once: ambiguous without --format
+    both.write_text(json.dumps({"instruction": "Reverse the word.", "input": "lemon", "output": "x", "response": "y"}) + "\n")
+    line = one_error(command("sft_recipes.generate", "--model", str(tiny_trained), "--file", str(both)))
+    assert "format:" in line
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text(json.dumps({"question": "Reverse the word: lemon."}) + "\n")
+    line = one_error(command("sft_recipes.generate", "--model", str(tiny_trained), "--file", str(theirs)))
+    assert "columns:" in line
+    out = tmp_path / "out.jsonl"
+    for path, options in ((both, ["--format", "alpaca"]), (theirs, ["--columns", "{instruction: question}"])):
+        proc = command("sft_recipes.generate", "--model", str(tiny_trained), "--file", str(path), *options,
+                       "--output", str(out), "--temperature", "0", "--max_new_tokens", "3")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "response" in json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- chat input
+def test_chat_joins_continued_lines_and_pasted_blocks():
+    lines = iter(["Reverse the word.\\", "lemon", "/paste", "Count the items.", "", "a, b", "/end", "/exit"])
+    read = lambda prompt: next(lines, None)  # noqa: E731
+    assert chat._turn(read) == "Reverse the word.\nlemon"
+    assert chat._turn(read) == "Count the items.\n\na, b"
+    assert chat._turn(read) == "/exit" and chat._turn(read) is None
+
+
+def test_chat_through_stdin_takes_a_multi_line_turn(tiny_trained):
+    proc = run_chat(tiny_trained, "/system Be \\\nexact.\n/paste\nReverse the word.\n\nlemon\n/end\n/reset\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("assistant: ") == 1 and "(system prompt set)" in proc.stdout
+    assert "unknown command" not in proc.stdout
+
+
+def test_chat_edits_lines_and_recalls_history_on_a_terminal(tiny_trained):
+    """Typed on a real terminal: Left arrows to fix a typo, then Up to bring the line back (readline)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sft_recipes.chat", "--model", str(tiny_trained),
+                             "--max_new_tokens", "2"], stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"})
+    os.close(slave)
+    seen = b""
+
+    def until(text: bytes, after: int, timeout: float) -> int:
+        """Read the terminal until `text` shows past position `after`; the position just past it."""
+        nonlocal seen
+        while (at := seen.find(text, after)) < 0:
+            ready, _, _ = select.select([master], [], [], timeout)
+            assert ready, seen[-500:]
+            seen += os.read(master, 4096)
+        return at + len(text)
+
+    try:
+        at = until(b"you: ", 0, 240)  # the model is loaded
+        os.write(master, b"/sytem Be exact." + b"\x1b[D" * 13 + b"s\r")  # Left x13, then fix /sytem -> /system
+        at = until(b"you: ", until(b"(system prompt set)", at, 60), 60)
+        os.write(master, b"\x1b[A\r")  # Up: the same line again
+        at = until(b"you: ", until(b"(system prompt set)", at, 60), 60)
+        os.write(master, b"\x04")  # Ctrl-D: end of input
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert text.count("(system prompt set)") == 2 and "unknown command" not in text

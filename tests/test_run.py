@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,20 @@ def test_summary_reports_rows_and_trained_fraction(tiny_run):
     assert 0.03 < run_info["data"]["train"]["trained_fraction"] < 0.5
 
 
+def test_drop_reasons_are_never_cut_on_a_narrow_terminal():
+    from rich.console import Console
+
+    from sft_recipes.summary import data_table
+
+    stats = {"train": {"rows": 1150, "dropped": {"empty_response": 3},
+                       "refused": {"no_trained_tokens_after_truncation": 150}, "truncated": 52, "tokens": 1_234_567,
+                       "trained_fraction": 0.063}}
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(data_table(stats))
+    cells = [line.split("│")[3].strip() for line in console.export_text().splitlines() if line.count("│") == 7]
+    assert "".join(cells).replace(" ", "") == "empty_response:3no_trained_tokens_after_truncation:150"
+
+
 def test_existing_output_dir_is_refused_not_overwritten(tiny_run):
     proc = run(TINY, "--output_dir", str(tiny_run[0]), "--max_steps", "1")
     assert proc.returncode == 2
@@ -92,15 +107,61 @@ def test_typo_in_a_recipe_key(tmp_path):
     assert proc.returncode == 2 and "num_train_epoch" in proc.stderr and "num_train_epochs" in proc.stderr
 
 
-def test_hub_recipe_offline_fails_fast_with_one_clear_line():
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+OFFLINE = [r for r in RECIPES if yaml.safe_load((ROOT / "recipes" / r).read_text())["model_name_or_path"] == "tiny:gpt2"]
+NOISE = ("Warning", "warnings.warn", "Loading weights", "multivariate normal", "save_embedding_layers")
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_each_offline_recipe_runs_as_shipped(name, tmp_path):
+    """From a fresh clone: every file a recipe names is in the repository."""
+    out = tmp_path / "out"
+    proc = run(f"recipes/{name}", "--max_steps", "2", "--output_dir", str(out), "--disable_tqdm", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() or (out / "adapter_model.safetensors").is_file()
+    assert not [line for line in proc.stderr.splitlines() if any(n in line for n in NOISE)], proc.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    assert "accelerator_config" not in card
+    if (out / "adapter_config.json").is_file():  # the adapter's shape, even where it is TRL's default
+        recipe = yaml.safe_load((ROOT / "recipes" / name).read_text())
+        for key in ("lora_r", "lora_alpha", "lora_dropout"):
+            assert f"\n{key}: {recipe[key]}\n" in card
+
+
+def test_the_lora_recipe_is_offline_and_its_card_lists_default_lora_settings(tmp_path):
+    """lora_alpha and lora_dropout at TRL's defaults still appear in the model card."""
+    from sft_recipes import report
+    from sft_recipes.config import changed_values, load_recipe
+
+    assert "tiny_sharegpt_lora.yaml" in OFFLINE
+    values = changed_values(load_recipe(TINY, use_peft=True))
+    card = report.model_card(values, {}, {})
+    assert "lora_r: " in card and "lora_alpha: " in card and "lora_dropout: " in card
+    assert "lora_r" not in changed_values(load_recipe(TINY))
+
+
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - set(OFFLINE)))
+def test_hub_recipe_offline_fails_fast_with_one_clear_line(name):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: unreachable on any machine
     started = time.time()
-    proc = run("recipes/gpt2_alpaca.yaml", env=env, timeout=60)
+    proc = run(f"recipes/{name}", env=env, timeout=60)
     assert proc.returncode == 2
     assert time.time() - started < 30
-    assert "openai-community/gpt2" in proc.stderr and "tiny_alpaca.yaml" in proc.stderr
+    model = yaml.safe_load((ROOT / "recipes" / name).read_text())["model_name_or_path"]
+    assert model in proc.stderr and "tiny_alpaca.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_list_keys_take_json_or_yaml_on_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.inspect", TINY, "-n", "0", "--eval_split", "0", "--chat_template", "chatml", "--max_length", "512",
+                           "--datasets", '{"path": "recipes/data/tiny_chats.jsonl", "format": "sharegpt"}',
+                           "--eval_datasets", "[{path: recipes/data/tiny_tasks.json, weight: 7}]"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {cells[1]: cells[3] for cells in map(str.split, proc.stdout.splitlines())
+            if cells[:1] == ["│"] and cells[1] in ("train", "eval")}
+    assert rows == {"train": "300", "eval": "7"}
 
 
 def test_two_cpu_processes_train_together(tmp_path):

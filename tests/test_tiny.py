@@ -1,4 +1,4 @@
-"""The embedded default's pieces: the shipped task file is exactly what the generator writes, and the
+"""The embedded default's pieces: the shipped task and chat files are exactly what the generator writes, and the
 tiny model builds once, offline, into something transformers loads."""
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -7,6 +7,18 @@ from sft_recipes import tiny
 
 def test_shipped_task_file_is_what_the_generator_writes():
     assert tiny._dump(tiny.generate_tasks()) == tiny.DATA_FILE.read_text(encoding="utf-8")
+
+
+def test_shipped_chats_file_is_what_the_generator_writes():
+    assert tiny._dump_lines(tiny.generate_chats()) == tiny.CHATS_FILE.read_text(encoding="utf-8")
+
+
+def test_chats_are_multi_turn_and_half_call_the_tool():
+    chats = tiny.generate_chats()
+    assert all(sum(t["from"] == "human" for t in c["conversations"]) >= 2 for c in chats)
+    calls = [c for c in chats if "tools" in c]
+    assert len(calls) == len(chats) // 2
+    assert all([t["from"] for t in c["conversations"][-3:]] == ["function_call", "observation", "gpt"] for c in calls)
 
 
 def test_tasks_mix_rows_with_and_without_input():

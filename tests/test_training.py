@@ -142,21 +142,8 @@ def test_packed_rows_trainer_counts_every_token(tmp_path):
 
 
 # ---------------------------------------------------------------- LoRA + merge
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """The tiny model trained with LoRA under ChatML, whose <|im_start|>/<|im_end|> are new tokens."""
-    from sft_recipes import load_recipe, train
-
-    out = tmp_path_factory.mktemp("lora") / "adapter"
-    trainer = train(load_recipe(TINY, chat_template="chatml", use_peft=True, lora_r=8, lora_alpha=16,
-                                lora_target_modules="all-linear", max_steps=6, per_device_train_batch_size=8,
-                                learning_rate=1e-2, eval_strategy="no", eval_split=0, output_dir=str(out),
-                                disable_tqdm=True))
-    return trainer, out
-
-
-def test_lora_adapter_merges_into_a_standalone_model_with_the_same_logits(lora_run, tmp_path):
-    trainer, adapter = lora_run
+def test_lora_adapter_merges_into_a_standalone_model_with_the_same_logits(tiny_lora, tmp_path):
+    trainer, adapter = tiny_lora
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     added = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -165,6 +152,7 @@ def test_lora_adapter_merges_into_a_standalone_model_with_the_same_logits(lora_r
 
     proc = command("sft_recipes.merge", str(adapter), "--output", str(tmp_path / "merged"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr == ""  # no third-party warnings or progress bars that ask nothing of the user
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     merged_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()

@@ -1,0 +1,158 @@
+"""Loading models and tokenizers: a recipe's starting point for training (the tokenizer with its chat template
+and added tokens, the model resized to it), and any output folder of ours for generation, chat, evaluation and
+merging (a full model, or a LoRA adapter applied to its base exactly as training built it), with the token
+ids that end a response."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import get_quantization_config
+
+from . import hub, templates, tiny
+from .config import Recipe
+from .errors import RecipeError
+
+PAD_TOKEN = "<|pad|>"
+
+
+# ---------------------------------------------------------------- a recipe's starting point
+def model_path(recipe: Recipe) -> str:
+    name = recipe.model.model_name_or_path
+    if not name:
+        raise RecipeError("the recipe has no `model_name_or_path`")
+    if name == tiny.TINY_MODEL_ID:
+        with PartialState().main_process_first():  # one process builds, the others wait and load
+            return str(tiny.tiny_model_path())
+    return name
+
+
+def load_tokenizer(recipe: Recipe):
+    """The tokenizer with the recipe's chat template set, its special tokens and a pad token added."""
+    m = recipe.model
+    tokenizer = hub.from_pretrained(AutoTokenizer, model_path(recipe), revision=m.model_revision,
+                                    trust_remote_code=recipe.sft.trust_remote_code)
+    source = templates.load_template(recipe.data.chat_template, tokenizer)
+    meta = templates.template_meta(source, tokenizer)
+    missing = [t for t in meta["special_tokens"] if t not in tokenizer.get_vocab()]
+    if missing:  # so each marker is one token: no BPE merge across a turn boundary, and a clean stop
+        tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                     replace_extra_special_tokens=False)
+    tokenizer.template_token_ids = tokenizer.convert_tokens_to_ids(missing)  # new rows to train under LoRA
+    if tokenizer.pad_token is None:  # distinct from EOS, so EOS is never mistaken for padding
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.chat_template = source
+    tokenizer.end_of_turn = meta["end_of_turn"]
+    return tokenizer
+
+
+def load_model(recipe: Recipe, tokenizer):
+    m = recipe.model
+    quantization = get_quantization_config(m)
+    if quantization is not None:
+        import torch
+        if not torch.cuda.is_available():
+            raise RecipeError("load_in_4bit / load_in_8bit (QLoRA) need a CUDA GPU and bitsandbytes; "
+                              "remove them to train on CPU")
+    if recipe.sft.trust_remote_code:
+        warnings.warn("trust_remote_code is true: the model repository's own Python code will run", stacklevel=2)
+    kwargs = dict(revision=m.model_revision, trust_remote_code=recipe.sft.trust_remote_code, dtype=m.dtype or "auto",
+                  attn_implementation=m.attn_implementation, quantization_config=quantization,
+                  device_map=_quantized_device_map(quantization))
+    model = hub.from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
+        model.resize_token_embeddings(len(tokenizer))
+    _set_stops(model, tokenizer)
+    return model
+
+
+def _quantized_device_map(quantization):
+    """A quantized model is placed on this process's GPU, except under ZeRO-3 / FSDP, which place it themselves."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    sharded = is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return None if quantization is None or sharded else {"": PartialState().local_process_index}
+
+
+# ---------------------------------------------------------------- an output folder of ours
+def load_trained(path: str, base: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer) from a run's output_dir, a checkpoint-* folder in it, or a merged model. An adapter
+    is applied to its base (`base`, else the one it records), resized to the saved tokenizer as training
+    resized it, and merged in. The tokenizer must carry its chat template."""
+    adapter = _kind(path) == "adapter"
+    tokenizer = hub.from_pretrained(AutoTokenizer, path)
+    if not tokenizer.chat_template:
+        raise RecipeError(f"{path}: the tokenizer has no chat template; is this a folder written by "
+                          "`python -m sft_recipes.run`?")
+    if adapter:
+        from peft import PeftModel
+
+        model = hub.from_pretrained(AutoModelForCausalLM, base_of(Path(path), base), dtype=dtype)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # as in training, so the shapes match
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = hub.from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
+    _set_stops(model, tokenizer)
+    return model, tokenizer
+
+
+def _kind(path: str) -> str:
+    """'adapter', 'model', or 'hub' (a name that is no local path); a local path that is neither says so."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    if (folder / "config.json").is_file():
+        return "model"
+    if folder.exists():
+        raise RecipeError(f"{path}: not a model folder (no config.json or adapter_config.json); give a run's "
+                          "output_dir, a checkpoint-* folder in it, or a merged model")
+    return "hub"
+
+
+def base_of(adapter_dir: Path, base: str | None = None) -> str:
+    """The base model to load: `base`, else the adapter's own record; `tiny:gpt2` becomes its local folder."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise RecipeError(f"{adapter_dir}: no such adapter folder")
+    if not config_file.is_file():
+        found = "a full model, not an adapter" if (adapter_dir / "config.json").is_file() else "no adapter_config.json"
+        raise RecipeError(f"{adapter_dir}: not a PEFT adapter folder ({found}); give the output_dir "
+                          "(or a checkpoint-* folder) of a run with `use_peft: true`")
+    try:
+        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except ValueError as e:
+        raise RecipeError(f"{config_file}: not valid JSON ({e})") from None
+    name = base or recorded
+    if not name:
+        raise RecipeError(f"{config_file} names no base model; pass --base ID_OR_PATH")
+    if name == tiny.TINY_MODEL_ID:
+        return str(tiny.tiny_model_path())
+    if not base and Path(name).is_absolute() and not Path(name).exists():
+        raise RecipeError(f"the base model folder {name} (from {config_file}) no longer exists; "
+                          "pass --base ID_OR_PATH (`tiny:gpt2` for the embedded tiny model)")
+    return name
+
+
+# ---------------------------------------------------------------- stopping
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a response: the generation config's EOS list, plus the template's
+    declared end-of-turn token and the tokenizer's EOS (for models saved without that config)."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    end = templates.template_meta(tokenizer.chat_template or "", tokenizer)["end_of_turn"]
+    for token in (end, tokenizer.eos_token):
+        if token and token in tokenizer.get_vocab():
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    return sorted(i for i in ids if i is not None)
+
+
+def _set_stops(model, tokenizer):
+    """Saved with the model, so `generate` in any library stops at the end of the turn and pads with our pad."""
+    model.generation_config.eos_token_id = stop_ids(model, tokenizer)
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
