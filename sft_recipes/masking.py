@@ -463,7 +463,8 @@ def _locate(rendered, messages, by_msg):
     located, cursor = {}, 0
     for i, m in enumerate(messages):
         pieces = _pieces(m)
-        if not pieces:
+        if not pieces:  # a turn that only calls tools: later messages still start after it
+            cursor = max(cursor, by_msg.get(i, (0, cursor))[1])
             continue
         lo, hi = by_msg.get(i, (cursor, len(rendered)))
         spans = []
