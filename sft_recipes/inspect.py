@@ -37,7 +37,8 @@ def export(path, splits: dict, tokenizer):
         for split, ds in splits.items():
             for row in ds:
                 f.write(json.dumps({"split": split, "input_ids": row["input_ids"], "labels": row["labels"],
-                                    "messages": row["messages"], "text": row["text"]}, ensure_ascii=False) + "\n")
+                                    "messages": row["messages"], "text": row["text"], "source": row.get("source"),
+                                    "record": row.get("record")}, ensure_ascii=False) + "\n")
 
 
 @cli

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import RecipeError, cli
+from .summary import cleaned
 
 logger = logging.getLogger("sft_recipes")
 
@@ -89,7 +90,7 @@ def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
                      + (f", weight {d['weight']}" if d.get("weight") else "") + ")"
                      for d in recipe_values.get("datasets", []))
     rows = "\n".join(f"| {split} | {st['rows']:,} | {', '.join(f'{k}: {v}' for k, v in {**st['dropped'], **st['refused']}.items()) or 'none'}"
-                     f" | {st['truncated']:,} | {st['trained_fraction']:.1%} |" for split, st in stats.items() if st)
+                     f" | {cleaned(st)} | {st['truncated']:,} | {st['trained_fraction']:.1%} |" for split, st in stats.items() if st)
     scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"""---
 library_name: transformers
@@ -103,8 +104,8 @@ Fine-tuned from `{recipe_values.get("model_name_or_path")}` with sft_recipes (TR
 ## Data
 {data}
 
-| split | rows | dropped or refused | truncated | tokens trained |
-|---|---|---|---|---|
+| split | rows | dropped or refused | cleaned | truncated | tokens trained |
+|---|---|---|---|---|---|
 {rows}
 
 ## Template and masking

@@ -2,13 +2,15 @@
 
 A weight is either a fraction in (0, 1] (subsample that share of the rows; 1 keeps them all) or a
 whole number above 1 (that many rows; above the rows available, every row is repeated as often as
-fits and a random subset fills the rest; the repetition comes after cleaning, so duplicates removed
-there do not hide a deliberate repeat). Every row carries its provenance: `source` (the dataset's path)
-and `record` (its record number in that source, from 0, as errors count). The happy path is `datasets`' own loaders and cache;
-we read a file ourselves only to explain a failure (bad JSON line, bytes that are not UTF-8), or
-when `datasets` had to store a mixed-type field as Json, which does not keep strings intact.
+fits and a random subset fills the rest; this repetition comes after cleaning, so a deliberate repeat
+is not taken for a duplicate). Every row carries its provenance: `source` (the dataset's path) and
+`record` (its number in that source, from 0, as errors count). The happy path is `datasets`' own
+loaders and cache; we read a file ourselves only to explain a failure (bad JSON line, bytes that are
+not UTF-8), or when `datasets` had to store a mixed-type field as Json, which does not keep strings
+intact.
 
-Check a file before training: `python -m sft_recipes.sources PATH [--format F] [--strict]`.
+Check files before training: `python -m sft_recipes.sources PATH [PATH ...] [--format F] [--strict]
+[--dedup none|exact|near]`.
 """
 from __future__ import annotations
 
@@ -398,18 +400,41 @@ def _is_single_object(text) -> bool:
 
 @cli
 def main(argv=None):
+    from . import cleaning  # the next stage: the checker reports what cleaning would remove
+
     ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
-                                 description="Check a data file before training.")
-    ap.add_argument("path", help="file, folder, glob or Hub id")
+                                 description="Check data files before training.")
+    ap.add_argument("paths", nargs="+", metavar="path", help="file, folder, glob or Hub id")
     ap.add_argument("--format", default="auto", help=f"auto or one of: {', '.join(FORMATS)}")
     ap.add_argument("--num-proc", type=int, default=None)
     ap.add_argument("--strict", action="store_true", help="unusable rows are an error")
+    ap.add_argument("--dedup", default="exact", choices=cleaning.DEDUP,
+                    help="count duplicates across all the paths (default: exact)")
+    ap.add_argument("--dedup-threshold", type=float, default=0.9, help="Jaccard of a near duplicate")
     args = ap.parse_args(argv)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
+    options = cleaning.CleanOptions(dedup=args.dedup, dedup_threshold=args.dedup_threshold)
 
-    spec = DatasetSpec(path=args.path, format=args.format)
-    ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
-    print(f"format:  {fmt}" + (" (detected)" if args.format == "auto" else ""))
+    parts = []
+    for path in args.paths:
+        ds, fmt, drops = _prepare(DatasetSpec(path=path, format=args.format), num_proc=args.num_proc,
+                                  strict=args.strict)
+        _describe(ds, fmt, drops, detected=args.format == "auto", header=len(args.paths) > 1 and path)
+        parts.append(ds)
+    if args.dedup != "none":  # in file order: the first copy is the one kept
+        _, cleaned = cleaning.clean(concatenate_datasets(parts), None, options, num_proc=args.num_proc)
+        print(f"cleaning (dedup {args.dedup}" + (f", threshold {args.dedup_threshold}" if args.dedup == "near"
+                                                   else "") + "):")
+        for reason, n in cleaned.counts.items():
+            print(f"  {reason}: {n}" + "".join(f"\n    {ex}" for ex in cleaned.examples.get(reason, [])))
+        if cleaned.groups:
+            print("largest duplicate groups:" + "".join(f"\n  {g}" for g in cleaned.groups))
+
+
+def _describe(ds, fmt, drops, *, detected: bool, header):
+    if header:
+        print(f"== {header}")
+    print(f"format:  {fmt}" + (" (detected)" if detected else ""))
     print(f"kept:    {len(ds)} rows")
     print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" for r, n in drops.most_common()))
     roles = _role_counts(ds)

@@ -70,6 +70,10 @@ def test_summary_reports_rows_and_trained_fraction(tiny_run):
     assert "trainable of" in stderr and "trained" in stderr and "steps" in stderr
     run_info = json.loads((tiny_run[0] / "sft_run.json").read_text())
     assert 0.03 < run_info["data"]["train"]["trained_fraction"] < 0.5
+    # cleaning ran (exact dedup by default, decontamination because of the eval split) and found nothing
+    assert run_info["data"]["train"]["cleaned"] == {"eval_overlap": 0, "duplicate": 0}
+    assert "eval_overlap" in stderr and "duplicate" in stderr
+    assert "| eval_overlap: 0, duplicate: 0 |" in (tiny_run[0] / "README.md").read_text()
 
 
 def test_existing_output_dir_is_refused_not_overwritten(tiny_run):
