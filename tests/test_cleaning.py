@@ -109,7 +109,7 @@ def _roots(removed):
 
 
 def test_exact_and_eval_overlap_counts_are_exact(mixture):
-    from sft_recipes.summary import data_table
+    from sft_recipes.summary import data_table, refusal_examples
     from sft_recipes.trainer import load_tokenizer, masked_datasets
 
     recipe = load_recipe(TINY, eval_split=0, eval_strategy="no", datasets=mixture["specs"],
@@ -131,6 +131,7 @@ def test_exact_and_eval_overlap_counts_are_exact(mixture):
     table = io.StringIO()
     Console(file=table, width=300).print(data_table(stats))
     assert f"eval_overlap: 15, duplicate: {copies}" in table.getvalue()
+    assert any(line.startswith("  train duplicate: ") for line in refusal_examples(stats))  # summary and inspect
 
 
 def test_near_finds_the_rewrites_and_no_false_positive(mixture):
@@ -218,8 +219,14 @@ def test_checker_prints_counts_examples_and_largest_groups(mixture, capsys):
     assert len(groups) == 5 and groups[0].startswith("  5 rows, the first kept: ")
 
 
-def test_worker_processes_give_the_same_rows(mixture):
+def test_worker_processes_give_the_same_rows_and_a_rerun_reads_the_cache(mixture, monkeypatch):
     rows = sources.load_mixture(mixture["specs"][3:6], seed=0).rows
     one = clean(rows, None, CleanOptions(dedup="near"))
     two = clean(rows, None, CleanOptions(dedup="near"), num_proc=2)
     assert one[1].removed == two[1].removed and one[0]["record"] == two[0]["record"]
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed again instead of read from the datasets cache")
+    monkeypatch.setattr(cleaning, "_signature_batch", computed)
+    monkeypatch.setattr(cleaning, "_judge", computed)
+    assert clean(rows, None, CleanOptions(dedup="near"))[1].removed == one[1].removed
