@@ -30,9 +30,9 @@ from .errors import RecipeError
 DEDUP = ("none", "exact", "near")
 REASONS = ("too_few_turns", "too_many_turns", "response_too_short", "response_too_long", "eval_overlap",
            "duplicate", "near_duplicate")
-KEYS = {"too_few_turns": "min_turns", "too_many_turns": "max_turns", "response_too_short": "min_response_chars",
-        "response_too_long": "max_response_chars", "eval_overlap": "decontaminate_ngram", "duplicate": "dedup",
-        "near_duplicate": "dedup_threshold"}  # the key that governs each reason
+_KEYS = {"too_few_turns": "min_turns", "too_many_turns": "max_turns", "response_too_short": "min_response_chars",
+         "response_too_long": "max_response_chars", "eval_overlap": "decontaminate_ngram", "duplicate": "dedup",
+         "near_duplicate": "dedup_threshold"}  # the key that governs each reason
 PROVENANCE = ("source", "record")
 NUM_PERM = 128
 _NO_SPACES = ("\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
@@ -40,8 +40,6 @@ _NO_SPACES = ("\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff
 _WORD = re.compile(f"[{_NO_SPACES}]|[^\\W{_NO_SPACES}]+")
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd, so multiplying loses nothing
 _CODE = Path(__file__).read_text()
-
-
 _MINHASH = MinHash(num_perm=NUM_PERM, hashfunc=int)  # its input is 32-bit shingle hashes already
 
 
@@ -98,7 +96,7 @@ def clean(ds: Dataset, evals: Dataset | None, opts: CleanOptions, *, num_proc=No
     if not np.any(verdict == 0):
         worst = max(counts, key=counts.get)
         lost = ", ".join(f"{r}: {n}" for r, n in counts.items() if n)
-        raise RecipeError(f"cleaning removed all {len(ds)} training rows ({lost}); loosen `{KEYS[worst]}`")
+        raise RecipeError(f"cleaning removed all {len(ds)} training rows ({lost}); loosen `{_KEYS[worst]}`")
     report = _Report(ds, sig, opts, probe, verdict, head, score)
     removed = {int(i): (REASONS[verdict[i] - 1], int(head[i])) for i in np.flatnonzero(verdict)}
     return ds.select(np.flatnonzero(verdict == 0)), Cleaned(counts, report.examples(), report.groups(), removed)
@@ -128,8 +126,9 @@ def _normal(value):
 
 def _exact_key(row) -> str:
     """Every column but provenance (messages, tools, text, and whatever formats add), normalised."""
-    content = _normal({k: v for k, v in row.items() if k not in PROVENANCE})
-    return hashlib.blake2b(json.dumps(content, ensure_ascii=False, sort_keys=True).encode(), digest_size=16).hexdigest()
+    content = json.dumps(_normal({k: v for k, v in row.items() if k not in PROVENANCE}), ensure_ascii=False,
+                         sort_keys=True, default=str)  # default: a column type JSON lacks still keys the row
+    return hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
 
 
 def _words(text: str) -> list[str]:
@@ -245,7 +244,7 @@ def _judge(sig: pa.Table, opts: CleanOptions) -> pa.Table:
     verdict, head, score = np.zeros(n, np.int8), np.full(n, -1), np.zeros(n)
     overlap = sig.column("overlap").to_numpy() if "overlap" in sig.column_names else np.full(n, -1)
     for reason, beyond in zip(REASONS[:4], (np.less, np.greater) * 2):
-        limit = getattr(opts, KEYS[reason])
+        limit = getattr(opts, _KEYS[reason])
         if limit is not None:
             values = sig.column("turns" if "turns" in reason else "response_chars").to_numpy()
             verdict[beyond(values, limit) & (verdict == 0)] = REASONS.index(reason) + 1
@@ -325,7 +324,7 @@ class _Report:
                     return f"shares '{' '.join(words[hit[0]:hit[0] + n])}' with eval {_where(self.probe.evals, j)}"
             return f"a copy of eval {_where(self.probe.evals, j)}"
         column = "turns" if "turns" in reason else "response_chars"
-        return f"{self.sig[i][column]} {column.replace('_', ' ')} ({KEYS[reason]} {getattr(self.opts, KEYS[reason])})"
+        return f"{self.sig[i][column]} {column.replace('_', ' ')} ({_KEYS[reason]} {getattr(self.opts, _KEYS[reason])})"
 
     def groups(self, k: int = 5) -> list[str]:
         """The largest groups of duplicates: size, the kept row, the first copies, and how the row begins."""
