@@ -1,4 +1,4 @@
-"""python -m benchmarks.run [--quick] [--only preprocess,train,overhead,gpu]
+"""python -m benchmarks.run [--quick] [--only preprocess,cleaning,train,overhead,gpu]
 
 Prints a table and writes benchmarks/results/<YYYY-MM-DD>-<host>.json and .md. Every figure is measured
 against its baseline in the same run (median of repetitions, candidate and baseline interleaved)."""
@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 
-SECTIONS = ("preprocess", "train", "overhead", "gpu")
+SECTIONS = ("preprocess", "cleaning", "train", "overhead", "gpu")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[2])
-    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (about 5.5 minutes)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (about 6 minutes)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -12,6 +12,7 @@ import torch
 import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
+from .cleaning import DEDUP, CleanOptions
 from .errors import RecipeError
 from .formats import check_kwargs
 from .masking import MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
@@ -49,6 +50,20 @@ class ScriptArguments:
         "help": "Stop after this many evaluations without improvement of `metric_for_best_model` (eval loss)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Train again into an output_dir that already holds a finished model (else refused)."})
+    # cleaning (sft_recipes/cleaning.py): after mixing, before masking; every removal counted by reason
+    dedup: str = field(default="exact", metadata={
+        "help": "Remove repeated rows: none, exact (same after normalising whitespace and case) or near (MinHash).",
+        "choices": list(DEDUP)})
+    dedup_threshold: float = field(default=0.9, metadata={"help": "Jaccard similarity that makes a near duplicate."})
+    decontaminate: bool | None = field(default=None, metadata={
+        "help": "Drop training rows that copy or share an n-gram with an eval row (default: on with eval rows)."})
+    decontaminate_ngram: int = field(default=13, metadata={"help": "Words in the n-grams of `decontaminate`."})
+    min_turns: int | None = field(default=None, metadata={"help": "Drop rows with fewer user turns."})
+    max_turns: int | None = field(default=None, metadata={"help": "Drop rows with more user turns."})
+    min_response_chars: int | None = field(default=None, metadata={
+        "help": "Drop rows whose assistant text (all turns) is shorter."})
+    max_response_chars: int | None = field(default=None, metadata={
+        "help": "Drop rows whose assistant text (all turns) is longer."})
 
 
 @dataclass
@@ -215,6 +230,19 @@ def _check_values(recipe: Recipe):
         if getattr(s, key) != defaults[key]:
             raise RecipeError(f"{where}: `{key}` belongs to TRL's data preparation, which sft_recipes does "
                               f"itself: {ours}")
+    try:
+        clean_options(d)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def clean_options(d: ScriptArguments) -> CleanOptions:
+    """The cleaning keys; `decontaminate` is on by default when there are eval rows."""
+    has_eval = bool(d.eval_split or d.eval_datasets)
+    if d.decontaminate and not has_eval:
+        raise RecipeError("decontaminate: true needs eval rows; set eval_split or eval_datasets")
+    values = {f.name: getattr(d, f.name) for f in fields(CleanOptions)}  # the keys share the option names
+    return CleanOptions(**{**values, "decontaminate": has_eval if d.decontaminate is None else d.decontaminate})
 
 
 def load_recipe(path: str | None = None, **overrides) -> Recipe:

@@ -54,8 +54,7 @@ def eval_conversations(recipe):
         raise RecipeError(f"{recipe.path or 'recipe'}: no eval data; set `eval_split` or `eval_datasets`")
     if not d.datasets:
         raise RecipeError(f"{recipe.path or 'recipe'}: no `datasets:`")
-    train, _ = sources.load_conversations(d.datasets, **load)
-    return sources.split_eval(train, d.eval_split, s.seed)[1]
+    return sources.split_eval(sources.load_mixture(d.datasets, **load).rows, d.eval_split, s.seed)[1]
 
 
 def masked_rows(conversations, tokenizer, recipe):

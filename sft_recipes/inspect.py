@@ -48,7 +48,8 @@ def export(path, splits: dict, tokenizer):
         for split, ds in splits.items():
             for row in ds:
                 messages = [{k: v for k, v in m.items() if v is not None} for m in example_messages(row)]
-                f.write(json.dumps({"split": split, "row": row["row"], "input_ids": row["input_ids"],
+                f.write(json.dumps({"split": split, "row": row["row"], "source": row.get("source"),
+                                    "record": row.get("record"), "input_ids": row["input_ids"],
                                     "labels": row["labels"], "messages": messages, "tools": row["tools"],
                                     "chat_template_kwargs": row["chat_template_kwargs"], "text": row["text"],
                                     "notes": row["notes"]}, ensure_ascii=False) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import RecipeError, cli
-from .summary import data_notes
+from .summary import cleaned, data_notes
 
 logger = logging.getLogger("sft_recipes")
 
@@ -91,7 +91,8 @@ def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
                      for d in recipe_values.get("datasets", []))
     rows = "\n".join(f"| {split} | {st['rows']:,} | {st['examples']:,} | "
                      f"{', '.join(f'{k}: {v}' for k, v in {**st['dropped'], **st['refused']}.items()) or 'none'}"
-                     f" | {st['truncated']:,} | {st['trained_fraction']:.1%} |" for split, st in stats.items() if st)
+                     f" | {cleaned(st)} | {st['truncated']:,} | {st['trained_fraction']:.1%} |"
+                     for split, st in stats.items() if st)
     notes = "\n".join(f"- {line}" for line in data_notes(stats))
     scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     return f"""---
@@ -106,7 +107,8 @@ Fine-tuned from `{recipe_values.get("model_name_or_path")}` with sft_recipes (TR
 ## Data
 {data}
 
-| split | rows | examples | dropped or refused | truncated | tokens trained |
+| split | rows | examples | dropped or refused | cleaned | truncated | tokens trained |
+|---|---|---|---|---|---|---|
 |---|---|---|---|---|---|
 {rows}
 {notes}

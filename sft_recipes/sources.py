@@ -2,11 +2,15 @@
 
 A weight is either a fraction in (0, 1] (subsample that share of the rows; 1 keeps them all) or a
 whole number above 1 (that many rows; above the rows available, every row is repeated as often as
-fits and a random subset fills the rest). The happy path is `datasets`' own loaders and cache;
-we read a file ourselves only to explain a failure (bad JSON line, bytes that are not UTF-8), or
-when `datasets` had to store a mixed-type field as Json, which does not keep strings intact.
+fits and a random subset fills the rest; this repetition comes after cleaning, so a deliberate repeat
+is not taken for a duplicate). Every row carries its provenance: `source` (the dataset's path) and
+`record` (its number in that source, from 0, as errors count). The happy path is `datasets`' own
+loaders and cache; we read a file ourselves only to explain a failure (bad JSON line, bytes that are
+not UTF-8), or when `datasets` had to store a mixed-type field as Json, which does not keep strings
+intact.
 
-Check a file before training: `python -m sft_recipes.sources PATH [--format F] [--strict]`.
+Check files before training: `python -m sft_recipes.sources PATH [PATH ...] [--format F] [--strict]
+[--dedup none|exact|near]`.
 """
 from __future__ import annotations
 
@@ -20,11 +24,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import yaml
 from datasets import Dataset, Features, Json, Value, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetNotFoundError
+from datasets.fingerprint import Hasher
 
 from . import hub
 from .errors import RecipeError, cli, data_error
@@ -93,19 +99,49 @@ class DatasetSpec:
 
 # ---------------------------------------------------------------- public entry points
 
-def load_conversations(specs, *, seed: int = 42, num_proc: int | None = None,
-                       strict: bool = False) -> tuple[Dataset, collections.Counter]:
-    """Load, convert, drop unusable rows, weight, concatenate and shuffle; drops by reason."""
+class Mixture(NamedTuple):
+    rows: Dataset                 # every source's rows at most once, concatenated and shuffled
+    drops: collections.Counter    # unusable rows by reason
+    repeats: dict                 # source -> its row count, for weights above the rows it has
+
+
+def load_mixture(specs, *, seed: int = 42, num_proc: int | None = None, strict: bool = False) -> Mixture:
+    """Load, convert, drop unusable rows, subsample by weight, concatenate and shuffle: each row at most
+    once. Weights above a source's row count are left to `repeat`, which runs after cleaning."""
     specs = [s if isinstance(s, DatasetSpec) else DatasetSpec.from_dict(s, f"datasets[{i}]")
              for i, s in enumerate(specs)]
     if not specs:
         raise RecipeError("no datasets given")
-    parts, drops = [], collections.Counter()
-    for spec in specs:
-        ds, _, dropped = _prepare(spec, num_proc=num_proc, strict=strict)
+    parts, drops, repeats = [], collections.Counter(), {}
+    for spec, label in zip(specs, _labels(specs)):
+        ds, _, dropped = _prepare(spec, num_proc=num_proc, strict=strict, label=label)
         drops.update(dropped)
-        parts.append(_weighted(ds, spec.weight, seed))
-    return concatenate_datasets(parts).shuffle(seed=seed), drops
+        ds, count = _subsample(ds, spec.weight, seed)
+        if count > len(ds):
+            repeats[label] = count
+        parts.append(ds)
+    return Mixture(concatenate_datasets(parts).shuffle(seed=seed), drops, repeats)
+
+
+def load_conversations(specs, *, seed: int = 42, num_proc: int | None = None,
+                       strict: bool = False) -> tuple[Dataset, collections.Counter]:
+    """Load, convert, drop unusable rows, weight, concatenate and shuffle; drops by reason."""
+    rows, drops, repeats = load_mixture(specs, seed=seed, num_proc=num_proc, strict=strict)
+    return repeat(rows, repeats, seed), drops
+
+
+def repeat(ds: Dataset, repeats: dict, seed: int) -> Dataset:
+    """Bring each source in `repeats` up to its row count: every row of it as often as fits, a random
+    subset for the rest (30 from 12 rows: all twice, 6 a third time); then shuffle again."""
+    if not repeats:
+        return ds
+    sources, rng, extra = np.asarray(ds["source"]), np.random.default_rng(seed), []
+    for label, count in repeats.items():
+        rows = np.flatnonzero(sources == label)
+        if len(rows):  # cleaning may have removed them all
+            times, rest = divmod(count, len(rows))
+            extra += [np.tile(rows, times - 1), np.sort(rng.permutation(rows)[:rest])]
+    return ds.select(np.concatenate([np.arange(len(ds)), *extra])).shuffle(seed=seed)
 
 
 def split_eval(ds: Dataset, ratio: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -121,8 +157,15 @@ def split_eval(ds: Dataset, ratio: float, seed: int) -> tuple[Dataset, Dataset]:
 
 # ---------------------------------------------------------------- one spec
 
-def _prepare(spec: DatasetSpec, *, num_proc, strict):
-    """(canonical rows without drops, format, Counter of drop reasons) for one spec."""
+def _labels(specs) -> list[str]:
+    """Each spec's `source`: its path, with config and split when they are not the defaults."""
+    labels = [s.path + (f":{s.name}" if s.name else "") + (f"[{s.split}]" if s.split != "train" else "")
+              for s in specs]
+    return [f"{label}#{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+def _prepare(spec: DatasetSpec, *, num_proc, strict, label=None):
+    """(canonical rows without drops, tagged with `source` and `record`, format, Counter of drop reasons)."""
     spec._validate(spec.path)
     files = _local_files(spec)
     try:
@@ -138,8 +181,15 @@ def _prepare(spec: DatasetSpec, *, num_proc, strict):
         for file in files or ():
             _check_utf8(file)
         raise data_error(spec.path, f"text is not valid UTF-8 ({e})") from None
-    rows, drops = _remove_drops(rows, spec.path, num_proc=num_proc, strict=strict)
+    rows, drops = _remove_drops(_tag(rows, label or spec.path), spec.path, num_proc=num_proc, strict=strict)
     return rows, fmt, drops
+
+
+def _tag(rows: Dataset, label: str) -> Dataset:
+    """Provenance columns, so every later report can name the source file and record."""
+    fingerprint = Hasher.hash([rows._fingerprint, "provenance", label])
+    rows = rows.add_column("source", [label] * len(rows), new_fingerprint=fingerprint + "s")
+    return rows.add_column("record", np.arange(len(rows)), new_fingerprint=fingerprint + "r")
 
 
 def _remove_drops(rows: Dataset, where, *, num_proc, strict):
@@ -163,16 +213,15 @@ def _keep(drop):
     return [d is None for d in drop]
 
 
-def _weighted(ds: Dataset, weight, seed: int) -> Dataset:
-    if weight is None or weight == 1:
-        return ds
+def _subsample(ds: Dataset, weight, seed: int) -> tuple[Dataset, int]:
+    """(the rows a weight keeps, each at most once; the row count the weight asks for)."""
     n = len(ds)
+    if weight is None or weight == 1:
+        return ds, n
     count = max(1, round(weight * n)) if weight < 1 else int(weight)
-    rng = np.random.default_rng(seed)
-    if count <= n:
-        return ds.select(np.sort(rng.permutation(n)[:count]))
-    repeats, rest = divmod(count, n)
-    return ds.select(np.concatenate([np.tile(np.arange(n), repeats), rng.permutation(n)[:rest]]))
+    if count >= n:
+        return ds, count
+    return ds.select(np.sort(np.random.default_rng(seed).permutation(n)[:count])), count
 
 
 # ---------------------------------------------------------------- loading
@@ -368,20 +417,44 @@ def add_file_options(parser, which: str = "the file"):
 
 @cli
 def main(argv=None):
+    from . import cleaning  # the next stage: the checker reports what cleaning would remove
+
     ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
-                                 description="Check a data file before training: the format found, rows kept and "
-                                             "dropped (and why), the roles seen and the first conversation.")
-    ap.add_argument("path", help="file, folder, glob or Hub id")
+                                 description="Check data files before training: the format found, rows kept and "
+                                             "dropped (and why), the roles seen, what cleaning would remove and "
+                                             "the first conversation.")
+    ap.add_argument("paths", nargs="+", metavar="path", help="file, folder, glob or Hub id")
     add_file_options(ap)
     ap.add_argument("--num-proc", type=int, default=None)
     ap.add_argument("--strict", action="store_true", help="unusable rows are an error")
+    ap.add_argument("--dedup", default="exact", choices=cleaning.DEDUP,
+                    help="count duplicates across all the paths (default: exact)")
+    ap.add_argument("--dedup-threshold", type=float, default=0.9, help="Jaccard of a near duplicate")
     args = ap.parse_args(argv)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
+    options = cleaning.CleanOptions(dedup=args.dedup, dedup_threshold=args.dedup_threshold)
 
-    spec = DatasetSpec.from_dict({"path": args.path, "format": args.format or "auto", "columns": args.columns,
-                                  "roles": args.roles}, args.path)
-    ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
-    print(f"format:  {fmt}" + (" (detected)" if spec.format == "auto" else ""))
+    parts = []
+    for path in args.paths:
+        spec = DatasetSpec.from_dict({"path": path, "format": args.format or "auto", "columns": args.columns,
+                                      "roles": args.roles}, path)
+        ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
+        _describe(ds, fmt, drops, detected=spec.format == "auto", header=len(args.paths) > 1 and path)
+        parts.append(ds)
+    if args.dedup != "none":  # in file order: the first copy is the one kept
+        _, cleaned = cleaning.clean(concatenate_datasets(parts), None, options, num_proc=args.num_proc)
+        print(f"cleaning (dedup {args.dedup}" + (f", threshold {args.dedup_threshold}" if args.dedup == "near"
+                                                   else "") + "):")
+        for reason, n in cleaned.counts.items():
+            print(f"  {reason}: {n}" + "".join(f"\n    {ex}" for ex in cleaned.examples.get(reason, [])))
+        if cleaned.groups:
+            print("largest duplicate groups:" + "".join(f"\n  {g}" for g in cleaned.groups))
+
+
+def _describe(ds, fmt, drops, *, detected: bool, header):
+    if header:
+        print(f"== {header}")
+    print(f"format:  {fmt}" + (" (detected)" if detected else ""))
     print(f"kept:    {len(ds)} rows")
     print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" for r, n in drops.most_common()))
     roles = _role_counts(ds)

@@ -9,14 +9,15 @@ from rich.table import Table
 
 def data_table(stats: dict, title: str = "data") -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
-    for col in ("split", "rows", "examples", "dropped (reason: rows or examples)", "truncated", "tokens", "trained"):
+    for col in ("split", "rows", "examples", "dropped (reason: rows or examples)", "cleaned (reason: rows)",
+                "truncated", "tokens", "trained"):
         table.add_column(col, overflow="fold")  # a long reason wraps on a narrow terminal; never cut
     for split, st in stats.items():
         if not st:
             continue
         lost = {**st["dropped"], **st["refused"]}
         table.add_row(split, f"{st['rows']:,}", f"{st['examples']:,}",
-                      "\n".join(f"{k}: {v}" for k, v in lost.items()) or "none",
+                      "\n".join(f"{k}: {v}" for k, v in lost.items()) or "none", cleaned(st),
                       f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
     return table
 
@@ -42,9 +43,15 @@ def data_notes(stats: dict) -> list[str]:
     return lines
 
 
+def cleaned(st: dict) -> str:
+    """Rows removed by each cleaning check that ran (zeros too, so the checks show)."""
+    return ", ".join(f"{k}: {v}" for k, v in st.get("cleaned", {}).items()) or "none"
+
+
 def refusal_examples(stats: dict) -> list[str]:
     return [f"  {split} {reason}: {ex}" for split, st in stats.items() if st
-            for reason, exs in st["examples_refused"].items() for ex in exs[:2]]
+            for key in ("cleaning_examples", "examples_refused")
+            for reason, exs in st.get(key, {}).items() for ex in exs[:2]]
 
 
 def print_summary(trainer, console: Console | None = None):

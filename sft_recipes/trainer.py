@@ -19,9 +19,9 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import get_peft_config
 
-from . import masking, report, sources
+from . import cleaning, masking, report, sources
 from .packing import Trainer
-from .config import Recipe, changed_values
+from .config import Recipe, changed_values, clean_options
 from .errors import RecipeError
 from .models import load_model, load_tokenizer
 from .summary import print_summary
@@ -52,19 +52,21 @@ def masked_datasets(recipe: Recipe, tokenizer):
     if not d.datasets:
         raise RecipeError(f"{recipe.path or 'recipe'}: no `datasets:` to train on")
     with PartialState().main_process_first():  # rank 0 fills the datasets cache, the others read it
-        train, drops = sources.load_conversations(d.datasets, seed=s.seed, num_proc=s.dataset_num_proc,
-                                                  strict=d.strict)
+        train, drops, repeats = sources.load_mixture(d.datasets, seed=s.seed, num_proc=s.dataset_num_proc,
+                                                     strict=d.strict)
         evals, eval_drops = None, Counter()
         if d.eval_datasets:
             evals, eval_drops = sources.load_conversations(d.eval_datasets, seed=s.seed,
                                                            num_proc=s.dataset_num_proc, strict=d.strict)
         elif d.eval_split:
             train, evals = sources.split_eval(train, d.eval_split, s.seed)
+        train, cleaned = cleaning.clean(train, evals, clean_options(d), num_proc=s.dataset_num_proc)
+        train = sources.repeat(train, repeats, s.seed)  # after dedup, so a deliberate repeat still repeats
         opts = mask_options(recipe, tokenizer)
         train = masking.tokenize(train, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking train")
         if evals is not None:
             evals = masking.tokenize(evals, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking eval")
-    stats = {"train": _stats(train, drops), "eval": _stats(evals, eval_drops) if evals is not None else None}
+    stats = {"train": _stats(train, drops, cleaned), "eval": _stats(evals, eval_drops) if evals is not None else None}
     for split, st in stats.items():
         if st and st["rows"] == 0:
             reason, n = next(iter(st["refused"].items()), ("none", 0))
@@ -84,16 +86,17 @@ def masked_datasets(recipe: Recipe, tokenizer):
     return train, evals, stats
 
 
-def _stats(ds, drops: Counter) -> dict:
+def _stats(ds, drops: Counter, cleaned: cleaning.Cleaned | None = None) -> dict:
     cols = ["drop", "detail", "n_tokens", "n_trained", "truncated", "row", "split", "reasoning_trained",
-            "reasoning_unprinted", "notes", "unused"]
+            "reasoning_unprinted", "notes", "unused", "source", "record"]
     c = ds.select_columns([k for k in cols if k in ds.column_names]).to_dict()  # one read
     refused, examples = Counter(), {}
-    for reason, detail in zip(c["drop"], c["detail"]):
+    where = zip(c.get("source") or [None] * len(c["drop"]), c.get("record") or [None] * len(c["drop"]))
+    for reason, detail, (source, record) in zip(c["drop"], c["detail"], where):
         if reason:
             refused[reason] += 1
-            if refused[reason] <= 3:
-                examples.setdefault(reason, []).append(detail)
+            if refused[reason] <= 3:  # named by file and record, as data errors are
+                examples.setdefault(reason, []).append(f"{source}, record {record}: {detail}" if source else detail)
     kept = [i for i, reason in enumerate(c["drop"]) if reason is None]
     n_tokens, n_trained = sum(c["n_tokens"][i] for i in kept), sum(c["n_trained"][i] for i in kept)
     rows = {c["row"][i] for i in kept}
@@ -104,7 +107,9 @@ def _stats(ds, drops: Counter) -> dict:
     first = {}  # each conversation's unused fields once (its per-turn examples share them)
     for row, names in zip(c["row"], c.get("unused") or [[]] * len(c["row"])):
         first.setdefault(row, names or [])
-    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops), "refused": dict(refused.most_common()),
+    cleaned = cleaned or cleaning.Cleaned()
+    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops), "cleaned": cleaned.counts,
+            "cleaning_examples": cleaned.examples, "refused": dict(refused.most_common()),
             "examples_refused": examples, "truncated": sum(c["truncated"]), "tokens": n_tokens,
             "trained_tokens": n_trained, "trained_fraction": n_trained / max(n_tokens, 1),
             "split_rows": len(split), "split_examples": sum(map(len, split.values())),

@@ -59,6 +59,17 @@ CASES = [
     ("cli_datasets_missing_file", None, ["--datasets", "data/nope.jsonl"], ["data/nope.jsonl", "not found"]),
     ("cli_missing_checkpoint", None, ["--resume_from_checkpoint", "/no/such/checkpoint"],
      ["no checkpoint folder at /no/such/checkpoint"]),
+    ("dedup_threshold_zero", BASE + "dedup: near\ndedup_threshold: 0\n", [], ["dedup_threshold", "(0, 1]", "got 0"]),
+    ("dedup_threshold_above_one", None, ["--dedup_threshold", "1.2"], ["dedup_threshold", "(0, 1]", "got 1.2"]),
+    ("dedup_unknown", BASE + "dedup: fuzzy\n", [], ["dedup must be one of none, exact, near", "fuzzy"]),
+    ("ngram_below_4", BASE + "eval_split: 0.1\ndecontaminate_ngram: 3\n", [], ["decontaminate_ngram", "at least 4"]),
+    ("min_turns_above_max", BASE + "min_turns: 3\nmax_turns: 1\n", [],
+     ["min_turns and max_turns need 0 <= min_turns <= max_turns, got 3 and 1"]),
+    ("min_chars_above_max", None, ["--min_response_chars", "50", "--max_response_chars", "10"],
+     ["need 0 <= min_response_chars <= max_response_chars, got 50 and 10"]),
+    ("decontaminate_without_eval", BASE + "decontaminate: true\n", [], ["decontaminate: true needs eval rows"]),
+    ("cleaning_removes_every_row", BASE + "min_response_chars: 100000\n", [],
+     ["cleaning removed all", "response_too_short", "loosen `min_response_chars`"]),
 ]
 
 

@@ -71,6 +71,10 @@ def test_summary_reports_rows_and_trained_fraction(tiny_run):
     assert "trainable of" in stderr and "trained" in stderr and "steps" in stderr
     run_info = json.loads((tiny_run[0] / "sft_run.json").read_text())
     assert 0.03 < run_info["data"]["train"]["trained_fraction"] < 0.5
+    # cleaning ran (exact dedup by default, decontamination because of the eval split) and found nothing
+    assert run_info["data"]["train"]["cleaned"] == {"eval_overlap": 0, "duplicate": 0}
+    assert "eval_overlap" in stderr and "duplicate" in stderr
+    assert "| eval_overlap: 0, duplicate: 0 |" in (tiny_run[0] / "README.md").read_text()
 
 
 def test_drop_reasons_are_never_cut_on_a_narrow_terminal():
@@ -78,12 +82,12 @@ def test_drop_reasons_are_never_cut_on_a_narrow_terminal():
 
     from sft_recipes.summary import data_table
 
-    stats = {"train": {"rows": 1150, "dropped": {"empty_response": 3},
-                       "refused": {"no_trained_tokens_after_truncation": 150}, "truncated": 52, "tokens": 1_234_567,
-                       "trained_fraction": 0.063}}
+    stats = {"train": {"rows": 1150, "examples": 1210, "dropped": {"empty_response": 3},
+                       "refused": {"no_trained_tokens_after_truncation": 150}, "cleaned": {"duplicate": 12},
+                       "truncated": 52, "tokens": 1_234_567, "trained_fraction": 0.063}}
     console = Console(width=80, record=True, file=open(os.devnull, "w"))
     console.print(data_table(stats))
-    cells = [line.split("│")[3].strip() for line in console.export_text().splitlines() if line.count("│") == 7]
+    cells = [line.split("│")[4].strip() for line in console.export_text().splitlines() if line.count("│") == 9]
     assert "".join(cells).replace(" ", "") == "empty_response:3no_trained_tokens_after_truncation:150"
 
 

@@ -162,7 +162,10 @@ def test_mixing_formats_with_column_and_role_mapping(tmp_path):
                                              "content": "text"},
               "roles": {"me": "user", "bot": "assistant"}}]
     ds, _ = load_conversations(specs, seed=1)
-    assert len(ds) == 7 and ds.column_names == ["messages", "tools", "chat_template_kwargs", "text", "unused"]
+    assert len(ds) == 7 and ds.column_names == ["messages", "tools", "chat_template_kwargs", "text", "unused",
+                                                "source", "record"]
+    assert sorted(zip(ds["source"], ds["record"])) == sorted([(str(qa), i) for i in range(4)]
+                                                             + [(str(chat), i) for i in range(3)])
     assert load_conversations(specs, seed=1)[0]["messages"] == ds["messages"]  # same shuffle
 
 
