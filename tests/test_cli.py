@@ -74,7 +74,7 @@ def test_each_help_starts_with_its_usage_and_what_it_does(name, help_pages):
 
 def test_run_help_shows_our_keys_then_points_to_trl(help_pages):
     text = help_pages["run"].stdout
-    assert len(text.splitlines()) < 80
+    assert len(text.splitlines()) < 130  # our keys only (TRL's run to ~870 lines)
     assert "positional arguments:" in text and "--train_on" in text and "--strict" in text
     assert "--learning_rate" not in text and "--help-all" in text
     full = command("run", "--help-all")
@@ -149,7 +149,7 @@ def _scenarios(tmp, model, adapter):
         "inspect": [[TINY, "-n", "1", "--export", str(tmp / "rows_out.jsonl"), "--max_steps", "3"]],
         "sources": [[str(alpaca), "--format", "alpaca", "--columns", "{instruction: q, output: a}", "--num-proc", "1",
                      "--strict"],
-                    [str(chats), "--roles", "{bot: assistant}"]],
+                    [str(chats), "--roles", "{bot: assistant}", "--dedup", "near", "--dedup-threshold", "0.8"]],
         "report": [[model, "--output", str(tmp / "loss.png")]],
         "tiny": [["--write-data"]],
     }
