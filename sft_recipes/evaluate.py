@@ -3,7 +3,9 @@
     python -m sft_recipes.evaluate RECIPE.yaml [--model DIR] [--baseline DIR_OR_ID|tiny:gpt2] [--output_dir DIR]
 
 For every eval conversation the model answers the conversation up to its last assistant turn (greedy,
-batched); the answer is scored against that turn with ROUGE-L, corpus BLEU and normalised exact match.
+batched, with the recipe's chat_template_kwargs). A text answer is scored against that turn with ROUGE-L,
+corpus BLEU and normalised exact match; where that turn is a tool call, the model's reply is parsed for
+calls (`tool_calls.parse`) and scored by exact match of names and arguments (`tool_call_accuracy`).
 Eval loss and perplexity come from a forward pass over the same rows with the training labels (mean
 over all trained tokens). The eval rows are chosen as training chose them (same data, split and seed).
 The baseline (e.g. `tiny:gpt2`, the untrained starting point of the embedded default) is loaded as
@@ -29,10 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 from . import generate as gen
-from . import masking, metrics, report, sources, templates
+from . import masking, metrics, report, sources, templates, tool_calls
 from .config import flag_keys, parse_recipe
 from .errors import RecipeError, cli
-from .models import load_model, load_tokenizer, load_trained
+from .models import add_response_template, load_model, load_tokenizer, load_trained
 from .trainer import mask_options
 
 # The recipe keys evaluation reads from the command line: which rows, how they are masked, the loss batch.
@@ -40,7 +42,9 @@ RECIPE_KEYS = ("datasets", "eval_datasets", "eval_split", "seed", "dataset_num_p
                "train_on_inputs", "truncation", "max_length", "verify_masks", "per_device_eval_batch_size")
 # (key, label, format spec); the change column uses the same spec with a sign.
 METRICS = (("rouge_l", "ROUGE-L F", ".4f"), ("bleu", "BLEU (0-100)", ".2f"), ("exact_match", "exact match", ".2%"),
-           ("eval_loss", "eval loss", ".4f"), ("perplexity", "perplexity", ".2f"))
+           ("tool_call_accuracy", "tool-call accuracy", ".2%"), ("eval_loss", "eval loss", ".4f"),
+           ("perplexity", "perplexity", ".2f"))
+TEXT_SCORES = ("rouge_l", "bleu", "exact_match")
 
 
 # ---------------------------------------------------------------- rows
@@ -66,9 +70,20 @@ def masked_rows(conversations, tokenizer, recipe):
 
 
 def split_reference(messages):
-    """(prompt messages, reference) around the last assistant turn; (None, None) without one."""
+    """(prompt messages, reference message) around the last assistant turn; (None, None) without one."""
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    return (None, None) if last is None else (messages[:last], messages[last]["content"])
+    return (None, None) if last is None else (messages[:last], messages[last])
+
+
+def reference_calls(reference: dict) -> list | None:
+    """The calls a reference turn makes (canonical), or None for a text answer."""
+    return json.loads(reference["tool_calls"]) if reference.get("tool_calls") else None
+
+
+def reference_text(reference: dict) -> str:
+    """A reference as shown in reports: its text, or its calls one `{"name", "arguments"}` per line."""
+    calls = reference_calls(reference)
+    return gen.call_lines({"content": reference["content"], "tool_calls": calls}) if calls else reference["content"]
 
 
 # ---------------------------------------------------------------- models
@@ -85,6 +100,7 @@ def load_baseline(spec: str, recipe, template: str):
     base.data = copy.copy(recipe.data)
     base.model.model_name_or_path, base.data.chat_template = spec, template
     tokenizer = load_tokenizer(base)
+    add_response_template(tokenizer)
     model = load_model(base, tokenizer)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return model, tokenizer
@@ -126,24 +142,55 @@ def text_scores(predictions, references) -> tuple[dict, dict]:
     return summary, per_example
 
 
-def evaluate_model(model, tokenizer, rows, *, batch_size, loss_batch_size, max_new_tokens) -> dict:
+def prompts_of(tokenizer, rows, template_kwargs: dict) -> list[str]:
+    """Each row's prompt up to its last assistant turn, rendered as training rendered it."""
+    return [gen.prompt_text(tokenizer, split_reference(m)[0], t, gen.row_kwargs(template_kwargs, k))
+            for m, t, k in zip(rows["messages"], rows["tools"], rows["chat_template_kwargs"])]
+
+
+def score(responses, prompts, rows, tokenizer) -> tuple[dict, dict, list]:
+    """(metrics, per-example scores, parsed calls). Text answers get ROUGE-L, BLEU and exact match; turns whose
+    reference is a tool call get tool_call_accuracy on the calls parsed from the reply. A per-example score is
+    None where its metric does not apply."""
+    references = [split_reference(m)[1] for m in rows["messages"]]
+    calls = [reference_calls(r) for r in references]
+    text = [i for i, c in enumerate(calls) if c is None]
+    called = [i for i, c in enumerate(calls) if c is not None]
+    parsed = [tool_calls.parse(responses[i], tokenizer, prompt=prompts[i], tools=json.loads(rows["tools"][i] or "null"))
+              ["tool_calls"] if calls[i] is not None else None for i in range(len(responses))]
+    summary, per_example = dict.fromkeys(TEXT_SCORES), {k: [None] * len(responses) for k in (*TEXT_SCORES, "tool_call")}
+    if text:
+        found, scores = text_scores([responses[i] for i in text], [references[i]["content"] for i in text])
+        summary.update(found)
+        for key, values in scores.items():
+            for i, v in zip(text, values):
+                per_example[key][i] = v
+    accuracy = tool_calls.tool_call_accuracy([parsed[i] for i in called], [calls[i] for i in called])
+    for i, v in zip(called, accuracy["tool_call_accuracy_scores"]):
+        per_example["tool_call"][i] = v
+    summary.update(tool_call_accuracy=accuracy["tool_call_accuracy"], text_rows=len(text), tool_call_rows=len(called))
+    return summary, per_example, parsed
+
+
+def evaluate_model(model, tokenizer, rows, *, batch_size, loss_batch_size, max_new_tokens, template_kwargs=None) -> dict:
     """Generate for every row and score it; the loss covers the rows this tokenizer's masking keeps.
-    `rows`: eval conversations masked with this tokenizer (`masked_rows`)."""
+    `rows`: eval conversations masked with this tokenizer (`masked_rows`); `template_kwargs`: the recipe's."""
     trainable = rows.filter(lambda d: [x is None for x in d], input_columns="drop", batched=True)
     loss = eval_loss(model, trainable, loss_batch_size) if len(trainable) else {}
-    pairs = [split_reference(m) for m in rows["messages"]]
-    responses = gen.generate(model, tokenizer, [p for p, _ in pairs], tools=rows["tools"], batch_size=batch_size,
-                             progress=True, temperature=0, max_new_tokens=max_new_tokens)
-    summary, per_example = text_scores(responses, [r for _, r in pairs])
+    prompts = prompts_of(tokenizer, rows, template_kwargs or {})
+    responses = gen.generate(model, tokenizer, prompts, batch_size=batch_size, progress=True, temperature=0,
+                             max_new_tokens=max_new_tokens)
+    summary, per_example, parsed = score(responses, prompts, rows, tokenizer)
     return {"metrics": {**summary, **loss, "loss_rows": len(trainable), "generated_rows": len(responses)},
-            "responses": responses, "scores": per_example}
+            "responses": responses, "scores": per_example, "tool_calls": parsed}
 
 
 # ---------------------------------------------------------------- output
 def changed_most(model_run, base_run, n: int) -> list[int]:
-    """Indices of the `n` examples whose ROUGE-L (then exact match) moved most, either way."""
+    """Indices of the `n` examples whose ROUGE-L (then exact match), or tool-call score, moved most, either way."""
     def delta(i):
-        return tuple(abs(model_run["scores"][k][i] - base_run["scores"][k][i]) for k in ("rouge_l", "exact_match"))
+        keys = ("tool_call", "tool_call") if model_run["scores"]["tool_call"][i] is not None else ("rouge_l", "exact_match")
+        return tuple(abs(model_run["scores"][k][i] - base_run["scores"][k][i]) for k in keys)
     return sorted(range(len(model_run["responses"])), key=delta, reverse=True)[:n]
 
 
@@ -177,10 +224,12 @@ def _fence(text: str) -> str:
 def markdown(info: dict, runs: dict, examples: list[dict]) -> str:
     names = list(runs)
     lines = [f"# Evaluation of `{info['model']}`", "",
-             f"Recipe `{info['recipe']}`; {info['rows']} eval rows; greedy decoding, "
-             f"at most {info['max_new_tokens']} new tokens.", "", *_md_table(runs), "",
-             "ROUGE-L and exact match are means over examples (exact match after lowercasing and removing "
-             "punctuation, articles and extra spaces); BLEU is corpus BLEU (sacrebleu); eval loss is the mean "
+             f"Recipe `{info['recipe']}`; {info['rows']} eval rows ({info['tool_call_rows']} answered with tool "
+             f"calls); greedy decoding, at most {info['max_new_tokens']} new tokens.", "", *_md_table(runs), "",
+             "ROUGE-L, BLEU and exact match score the text answers: ROUGE-L and exact match are means over examples "
+             "(exact match after lowercasing and removing punctuation, articles and extra spaces); BLEU is corpus "
+             "BLEU (sacrebleu). Tool-call accuracy is the share of the turns answered with tool calls in the data "
+             "whose calls the model made exactly (names and arguments, in any order). Eval loss is the mean "
              "cross-entropy over all trained tokens, perplexity its exponential.", ""]
     if info.get("loss_png"):
         lines += ["![train and eval loss](loss.png)", ""]
@@ -196,7 +245,8 @@ def _md_table(runs: dict) -> list[str]:
 
 
 def _md_example(k: int, ex: dict, names: list[str]) -> list[str]:
-    scores = ", ".join(f"{n}: ROUGE-L {ex[n]['rouge_l']:.2f}, EM {ex[n]['exact_match']:.0f}" for n in names)
+    scores = ", ".join(f"{n}: tool call {ex[n]['tool_call']:.0f}" if ex[n]["tool_call"] is not None else
+                       f"{n}: ROUGE-L {ex[n]['rouge_l']:.2f}, EM {ex[n]['exact_match']:.0f}" for n in names)
     lines = [f"### {k}. {scores}", "", "Prompt:", _fence(ex["prompt"]), "Reference:", _fence(ex["reference"])]
     for n in names:
         response = ex[n]["response"]
@@ -205,8 +255,11 @@ def _md_example(k: int, ex: dict, names: list[str]) -> list[str]:
 
 
 def example(i, prompts, references, runs) -> dict:
-    return {"prompt": prompts[i], "reference": references[i],
-            **{n: {"response": r["responses"][i], **{k: v[i] for k, v in r["scores"].items()}} for n, r in runs.items()}}
+    """One example for the report and predictions.jsonl; a run's parsed `tool_calls` where the reference is calls."""
+    def result(r):
+        calls = {"tool_calls": r["tool_calls"][i]} if r["scores"]["tool_call"][i] is not None else {}
+        return {"response": r["responses"][i], **calls, **{k: v[i] for k, v in r["scores"].items()}}
+    return {"prompt": prompts[i], "reference": references[i], **{n: result(r) for n, r in runs.items()}}
 
 
 def write_outputs(out: Path, info: dict, runs: dict, prompts, references, n_examples: int, console: Console):
@@ -225,7 +278,7 @@ def write_outputs(out: Path, info: dict, runs: dict, prompts, references, n_exam
     (out / "report.md").write_text(markdown(info, runs, examples), encoding="utf-8")
     console.print(metrics_table(runs))
     if len(names) == 2:
-        show = Table(title="examples whose ROUGE-L changed most", header_style="bold", show_lines=True)
+        show = Table(title="examples whose score changed most", header_style="bold", show_lines=True)
         for col in ("prompt", "reference", *names):
             show.add_column(col, overflow="fold", max_width=40)
         for ex in examples:
@@ -249,19 +302,22 @@ def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=
     masked = masked.select(keep)
     sizes = dict(batch_size=batch_size, loss_batch_size=recipe.sft.per_device_eval_batch_size or batch_size,
                  max_new_tokens=max_new_tokens)
+    sizes = {**sizes, "template_kwargs": recipe.data.chat_template_kwargs}
     runs = {}
     if baseline:
         base_model, base_tok = load_baseline(baseline, recipe, tokenizer.chat_template)
-        base_rows = masked_rows(masked.select_columns(["messages", "tools", "text"]), base_tok, recipe)
+        base_rows = masked_rows(masked.select_columns(["messages", "tools", "chat_template_kwargs", "text"]),
+                                base_tok, recipe)
         runs["baseline"] = {"path": baseline, **evaluate_model(base_model, base_tok, base_rows, **sizes)}
         del base_model
     runs["model"] = {"path": model_dir, **evaluate_model(model, tokenizer, masked, **sizes)}
     out = Path(output or model_dir)
-    pairs = [split_reference(m) for m in masked["messages"]]
-    prompts = [gen.prompt_text(tokenizer, p, t) for (p, _), t in zip(pairs, masked["tools"])]
-    info = {"recipe": recipe.path, "model": model_dir, "rows": len(keep), "max_new_tokens": max_new_tokens,
+    prompts = prompts_of(tokenizer, masked, recipe.data.chat_template_kwargs)
+    references = [reference_text(split_reference(m)[1]) for m in masked["messages"]]
+    info = {"recipe": recipe.path, "model": model_dir, "rows": len(keep),
+            "tool_call_rows": runs["model"]["metrics"]["tool_call_rows"], "max_new_tokens": max_new_tokens,
             "decoding": "greedy", "loss_png": _plot(model_dir, out)}
-    write_outputs(out, info, runs, prompts, [r for _, r in pairs], examples, console)
+    write_outputs(out, info, runs, prompts, references, examples, console)
     return runs
 
 

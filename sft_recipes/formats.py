@@ -586,6 +586,18 @@ def _tool(tool, at, field):
     return {"type": "function", "function": schema}
 
 
+def read_tools(value, source: str) -> list | None:
+    """Tools given outside a dataset (a `--tools` file) under a row's rules: the OpenAI list, bare schemas
+    wrapped, JSON text parsed; RecipeError naming `source` otherwise."""
+    return _tools(value, _Where(source, None, {}))
+
+
+def read_call(value, source: str) -> dict:
+    """One tool call in the canonical shape, from OpenAI's object or a bare `{"name", "arguments"}` one
+    (`parameters` for Llama; arguments as an object or JSON text of one); RecipeError when it is none."""
+    return _call(value, _Where(source, None, {}), "tool_call")
+
+
 def _row_kwargs(value, at):
     field = at.field("chat_template_kwargs")
     if isinstance(value, str):

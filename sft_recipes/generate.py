@@ -1,11 +1,14 @@
 """Generate responses with a trained model: one prompt, or every row of a data file.
 
-    python -m sft_recipes.generate --model DIR --prompt "..." [--input ...] [--system ...]
-    python -m sft_recipes.generate --model DIR --file IN.jsonl [--output OUT.jsonl]
+    python -m sft_recipes.generate --model DIR --prompt "..." [--input ...] [--system ...] [--tools TOOLS.json]
+    python -m sft_recipes.generate --model DIR --file IN.jsonl [--output OUT.jsonl] [--tools TOOLS.json]
 
 The prompt is the model's saved chat template rendered exactly as in training up to the assistant's
-turn (`add_generation_prompt`); generation stops at the end-of-turn token and only the response is
-returned. Temperature 0 is greedy decoding.
+turn (`add_generation_prompt`), with the chat_template_kwargs it was trained with (its recipe.yaml;
+`--chat_template_kwargs` overrides them); generation stops at the end-of-turn token and only the
+response is returned. Temperature 0 is greedy decoding. With tools (`--tools`, or a row's own), the
+template gets them and the calls the model makes are printed parsed: `tool call: {"name", "arguments"}`
+lines after the answer text; with `--file`, each output row gains `tool_calls`.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from datasets import Value
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from . import formats, sources, templates
+from . import formats, sources, templates, tool_calls
 from .errors import RecipeError, cli
-from .models import load_trained, stop_ids
+from .models import load_trained, stop_ids, trained_kwargs
 
 logger = logging.getLogger("sft_recipes")
 DEFAULTS = {"temperature": 0.7, "top_p": None, "top_k": None, "max_new_tokens": 256, "seed": None}
@@ -55,13 +58,44 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
 
 
-def prompt_text(tokenizer, messages: list[dict], tools=None) -> str:
-    """Render with the same call and special-token values that masking uses for training."""
+def prompt_text(tokenizer, messages: list[dict], tools=None, template_kwargs: dict | None = None) -> str:
+    """Render with the same call, special-token values and chat_template_kwargs that masking uses for training
+    (`tools` and `template_kwargs` as a row stores them, JSON text, or parsed)."""
     if isinstance(tools, str):
         tools = json.loads(tools)
+    if isinstance(template_kwargs, str):
+        template_kwargs = json.loads(template_kwargs)
     return templates.render(tokenizer.chat_template, formats.chat_messages(messages), tools,
                             add_generation_prompt=True, bos_token=tokenizer.bos_token,
-                            eos_token=tokenizer.eos_token)
+                            eos_token=tokenizer.eos_token, **(template_kwargs or {}))
+
+
+def row_kwargs(template_kwargs: dict | None, row_kwargs: str | None) -> dict:
+    """A row's own chat_template_kwargs (JSON text, as stored) over the model's, as masking merges them."""
+    return {**(template_kwargs or {}), **(json.loads(row_kwargs) if row_kwargs else {})}
+
+
+def read_tools(path: str) -> list:
+    """A `--tools` file: a JSON list of OpenAI tool schemas, bare schemas accepted, as a data row's `tools`."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: file not found") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise RecipeError(f"{path}: not valid JSON ({e})") from None
+    tools = formats.read_tools(value, path)
+    if not tools:
+        raise RecipeError(f"{path}: no tools in the list")
+    return tools
+
+
+def call_lines(reply: dict) -> str:
+    """A parsed reply as printed: its answer text, then one `tool call: {"name", "arguments"}` line per call."""
+    calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+             for c in reply["tool_calls"] or []]
+    return "\n".join([reply["content"]] * bool(reply["content"]) + [f"tool call: {c}" for c in calls])
 
 
 # ---------------------------------------------------------------- generation
@@ -77,14 +111,18 @@ def sampling_kwargs(temperature=0.7, top_p=None, top_k=None, max_new_tokens=256)
             **{k: v for k, v in chosen.items() if v is not None}}
 
 
-def generate(model, tokenizer, conversations, *, tools=None, batch_size=16, progress=False, streamer=None,
-             seed=None, temperature=0.7, top_p=None, top_k=None, max_new_tokens=256, **generate_kwargs) -> list[str]:
+def generate(model, tokenizer, conversations, *, tools=None, template_kwargs=None, batch_size=16, progress=False,
+             streamer=None, seed=None, temperature=0.7, top_p=None, top_k=None, max_new_tokens=256,
+             **generate_kwargs) -> list[str]:
     """One response per conversation (a list of canonical messages, or a plain string sent as is).
 
-    `tools`: optional list parallel to `conversations`. Extra keyword arguments go to `model.generate`.
+    `tools`, `template_kwargs`: optional lists parallel to `conversations` (see `prompt_text`). Extra keyword
+    arguments go to `model.generate`.
     """
     tools = tools or [None] * len(conversations)
-    prompts = [c if isinstance(c, str) else prompt_text(tokenizer, c, t) for c, t in zip(conversations, tools)]
+    template_kwargs = template_kwargs or [None] * len(conversations)
+    prompts = [c if isinstance(c, str) else prompt_text(tokenizer, c, t, k)
+               for c, t, k in zip(conversations, tools, template_kwargs)]
     kwargs = {**sampling_kwargs(temperature, top_p, top_k, max_new_tokens), **generate_kwargs,
               "eos_token_id": stop_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if streamer is not None and len(prompts) != 1:
@@ -165,19 +203,25 @@ def _blank_nulls(values, column):
     return {column: ["" if v is None else v for v in values]}
 
 
-def generate_file(model, tokenizer, path, output, *, system=None, batch_size=16, read=None, **sampling) -> int:
-    """`read`: the file's `format`, `columns` and `roles` (see `read_file`)."""
+def generate_file(model, tokenizer, path, output, *, system=None, batch_size=16, read=None, tools=None,
+                  template_kwargs=None, **sampling) -> int:
+    """`read`: the file's `format`, `columns` and `roles` (see `read_file`). `tools` (parsed) serve the rows
+    that carry none of their own; `template_kwargs` are the model's, under each row's own."""
     raw, rows = read_file(path, **(read or {}))
-    prompts = [r["text"] if r["text"] is not None else _with_system(prompt_messages(r["messages"]), system)
-               for r in rows]
-    responses = generate(model, tokenizer, prompts, tools=rows["tools"], batch_size=batch_size, progress=True,
-                         **sampling)
+    offered = [None if r["text"] is not None else r["tools"] or (tools and json.dumps(tools)) for r in rows]
+    prompts = [r["text"] if r["text"] is not None else
+               prompt_text(tokenizer, _with_system(prompt_messages(r["messages"]), system), t,
+                           row_kwargs(template_kwargs, r["chat_template_kwargs"]))
+               for r, t in zip(rows, offered)]
+    responses = generate(model, tokenizer, prompts, batch_size=batch_size, progress=True, **sampling)
     sink = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
-        for row, response in zip(raw, responses):
+        for row, prompt, t, response in zip(raw, prompts, offered, responses):
             # Arrow gives every row every column; keys a row lacked come back as null: leave them out.
-            kept = {k: v for k, v in row.items() if v is not None}
-            sink.write(json.dumps({**kept, "response": response}, ensure_ascii=False, default=str) + "\n")
+            out = {**{k: v for k, v in row.items() if v is not None}, "response": response}
+            if t:  # the calls the model made, parsed (null: none)
+                out["tool_calls"] = tool_calls.parse(response, tokenizer, prompt=prompt, tools=json.loads(t))["tool_calls"]
+            sink.write(json.dumps(out, ensure_ascii=False, default=str) + "\n")
     finally:
         if output:
             sink.close()
@@ -203,6 +247,24 @@ def sampling_from(args) -> dict:
     return {k: getattr(args, k) for k in DEFAULTS}
 
 
+def add_prompt_args(parser):
+    """The flags that shape the prompt besides the conversation: tools and chat_template_kwargs."""
+    parser.add_argument("--tools", metavar="FILE.json",
+                        help="a JSON list of tool schemas (OpenAI's, or bare {name, description, parameters}) "
+                             "given to the template; the model's calls are printed parsed")
+    parser.add_argument("--chat_template_kwargs", type=sources.flag_value, metavar="YAML",
+                        help="template options over those the model was trained with (its recipe.yaml), "
+                             "e.g. '{enable_thinking: false}'")
+
+
+def prompt_options(args) -> tuple[list | None, dict]:
+    """(tools, chat_template_kwargs) for a model folder from the flags of `add_prompt_args`."""
+    tools = read_tools(args.tools) if args.tools else None
+    flag = formats.check_kwargs(args.chat_template_kwargs, "--chat_template_kwargs") \
+        if args.chat_template_kwargs is not None else {}
+    return tools, {**trained_kwargs(args.model), **flag}
+
+
 @cli
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.generate", description=__doc__,
@@ -217,6 +279,7 @@ def main(argv=None):
     parser.add_argument("--output", help="--file results as JSON lines: each row + `response` (default stdout)")
     parser.add_argument("--batch_size", type=int, help="--file rows generated together (default 16)")
     sources.add_file_options(parser, "--file")
+    add_prompt_args(parser)
     add_sampling_args(parser)
     args = parser.parse_args(argv)
     file_only = {"--output": args.output, "--batch_size": args.batch_size, "--format": args.format,
@@ -226,13 +289,16 @@ def main(argv=None):
         raise RecipeError(f"{given[0]} goes with --file; --prompt prints its one response")
     if args.file and args.input:
         raise RecipeError("--input goes with --prompt; with --file each row carries its own")
+    tools, kwargs = prompt_options(args)
     model, tokenizer = load_trained(args.model)
     if args.prompt is not None:
-        messages = alpaca_messages(args.prompt, args.input, args.system)
-        print(generate(model, tokenizer, [messages], **sampling_from(args))[0])
+        prompt = prompt_text(tokenizer, alpaca_messages(args.prompt, args.input, args.system), tools, kwargs)
+        response = generate(model, tokenizer, [prompt], **sampling_from(args))[0]
+        print(call_lines(tool_calls.parse(response, tokenizer, prompt=prompt, tools=tools)) if tools else response)
         return
     n = generate_file(model, tokenizer, args.file, args.output, system=args.system, batch_size=args.batch_size or 16,
-                      read=dict(format=args.format, columns=args.columns, roles=args.roles), **sampling_from(args))
+                      read=dict(format=args.format, columns=args.columns, roles=args.roles), tools=tools,
+                      template_kwargs=kwargs, **sampling_from(args))
     if args.output:
         print(f"wrote {n} responses to {args.output}", file=sys.stderr)
 

@@ -11,10 +11,11 @@ config whose EOS list keeps the end-of-turn token, so `python -m sft_recipes.gen
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from .errors import RecipeError, cli
-from .models import base_of, load_trained
+from .models import base_of, load_trained, recipe_file
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -29,6 +30,9 @@ def merge(adapter_dir, output, base: str | None = None, dtype: str = "auto") -> 
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)  # carries the chat template
+    recipe = recipe_file(str(adapter_dir))
+    if recipe is not None:  # its chat_template_kwargs: prompts render as in training
+        shutil.copyfile(recipe, output / "recipe.yaml")
     return output
 
 

@@ -9,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
+import yaml
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
@@ -88,6 +89,7 @@ def load_trained(path: str, base: str | None = None, dtype: str = "auto"):
     if not tokenizer.chat_template:
         raise RecipeError(f"{path}: the tokenizer has no chat template; is this a folder written by "
                           "`python -m sft_recipes.run`?")
+    add_response_template(tokenizer)
     if adapter:
         from peft import PeftModel
 
@@ -99,6 +101,43 @@ def load_trained(path: str, base: str | None = None, dtype: str = "auto"):
         model = hub.from_pretrained(AutoModelForCausalLM, path, dtype=dtype)
     _set_stops(model, tokenizer)
     return model, tokenizer
+
+
+def recipe_file(path: str) -> Path | None:
+    """The `recipe.yaml` a model folder was trained with: its own (an output_dir, or a merged model, which
+    gets a copy), or its run's beside a checkpoint-* folder; None without one."""
+    folder = Path(path)
+    for recipe in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
+        if recipe.is_file() and (recipe.parent == folder or folder.name.startswith("checkpoint-")):
+            return recipe
+    return None
+
+
+def add_response_template(tokenizer):
+    """So that `tokenizer.parse_response` reads the model's replies (tool calls, reasoning): a tokenizer saved
+    without a response template gets TRL's for its chat template where TRL knows one (trl:qwen3, trl:llama3_1,
+    trl:gptoss, ...). Other templates keep none; `tool_calls` reads our shipped ones itself."""
+    if getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None):
+        return
+    from trl.chat_template_utils import add_response_schema
+
+    try:
+        add_response_schema(tokenizer)
+    except ValueError:  # a template TRL has no parser for
+        pass
+
+
+def trained_kwargs(path: str) -> dict:
+    """The `chat_template_kwargs` a model was trained with (its `recipe_file`), so that prompts render as its
+    training rows did; {} without a recipe."""
+    recipe = recipe_file(path)
+    if recipe is None:
+        return {}
+    try:
+        values = yaml.safe_load(recipe.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{recipe}: not valid YAML ({e})") from None
+    return dict(values.get("chat_template_kwargs") or {}) if isinstance(values, dict) else {}
 
 
 def _kind(path: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 TINY_MODEL_ID = "tiny:gpt2"
 DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
 CHATS_FILE = DATA_FILE.with_name("tiny_chats.jsonl")
+TOOLS_FILE = DATA_FILE.with_name("tiny_tools.jsonl")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # Everything that shapes the built model is in these two dicts, which go into the cache hash
@@ -140,6 +141,80 @@ def generate_chats(n: int = 300, seed: int = 0) -> list[dict]:
     return chats
 
 
+CALCULATOR_TOOL = {"name": "calculator", "description": "Work out an arithmetic expression.",
+                   "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                  "required": ["expression"]}}
+_PRODUCT = ("What is {a} times {b}?", "Multiply {a} by {b}.", "Calculate {a} * {b}.")
+_QUOTIENT = ("What is {a} divided by {b}?", "Divide {a} by {b}.", "Calculate {a} / {b}.")
+_LOOKUP = ("Look up the capital of {country}.", "Find the capital city of {country}.",
+           "Use the lookup tool for the capital of {country}.")
+# The lookup tool knows more countries than the tasks teach, so most lookups can't be answered from memory.
+TOOL_CAPITALS = {**CAPITALS, "Austria": "Vienna", "Belgium": "Brussels", "Brazil": "Brasilia", "China": "Beijing",
+                 "Denmark": "Copenhagen", "Finland": "Helsinki", "Hungary": "Budapest", "India": "Delhi",
+                 "Iran": "Tehran", "Iraq": "Baghdad", "Jordan": "Amman", "Mexico": "Mexico City",
+                 "Morocco": "Rabat", "Nepal": "Kathmandu", "Russia": "Moscow", "Sweden": "Stockholm",
+                 "Thailand": "Bangkok", "Turkey": "Ankara", "Ukraine": "Kyiv", "Vietnam": "Hanoi"}
+
+
+def _calculation(rng):
+    """(question, tool, arguments, result, answer) for a product or an exact quotient the tiny model can't
+    work out itself: it has to call the calculator with the numbers copied from the question."""
+    b = rng.randint(2, 19)
+    if rng.random() < 0.5:
+        a = rng.randint(2, 49)
+        phrase, expression, result = rng.choice(_PRODUCT), f"{a} * {b}", a * b
+    else:
+        result = rng.randint(2, 19)
+        a = b * result
+        phrase, expression = rng.choice(_QUOTIENT), f"{a} / {b}"
+    return (phrase.format(a=a, b=b), CALCULATOR_TOOL["name"], {"expression": expression}, result,
+            f"{expression} = {result}.")
+
+
+def _lookup(rng):
+    country = rng.choice(sorted(TOOL_CAPITALS))
+    capital = TOOL_CAPITALS[country]
+    return (rng.choice(_LOOKUP).format(country=country), CAPITAL_TOOL["name"], {"country": country}, capital,
+            f"The capital of {country} is {capital}.")
+
+
+_TOOLLESS = [t for t in TASKS if t[2] is not CAPITALS.get]  # capitals are looked up when the tool is offered
+_KINDS = ("call", "call", "answer", "call", "text", "call")
+_TOOLS = {t["name"]: [{"type": "function", "function": t}] for t in (CALCULATOR_TOOL, CAPITAL_TOOL)}
+
+
+def generate_tool_chats(n: int = 420, seed: int = 0) -> list[dict]:
+    """`n` chats in OpenAI's messages format with distinct questions, each offering one tool (the calculator
+    or get_capital; one schema keeps rows short enough for the default's CPU budget): two thirds end with the
+    call (what `evaluate` scores as tool_call_accuracy), a sixth go on through the tool's result to the
+    answer, and a sixth ask a plain task that needs no tool."""
+    rng, chats, seen = random.Random(seed), [], set()
+    for _ in range(100 * n):  # bounded, as in generate_tasks
+        chat = _tool_chat(rng, _KINDS[len(chats) % len(_KINDS)])
+        if chat["messages"][0]["content"] not in seen:
+            seen.add(chat["messages"][0]["content"])
+            chats.append(chat)
+            if len(chats) == n:
+                break
+    return chats
+
+
+def _tool_chat(rng, kind: str) -> dict:
+    if kind == "text":
+        row = _row(rng, rng.choice(_TOOLLESS))
+        question = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": row["output"]}],
+                "tools": _TOOLS[rng.choice(sorted(_TOOLS))]}
+    question, name, arguments, result, answer = (_calculation if rng.random() < 0.5 else _lookup)(rng)
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    if kind == "answer":
+        key = "result" if name == CALCULATOR_TOOL["name"] else "capital"
+        messages += [{"role": "tool", "name": name, "content": json.dumps({key: result})},
+                     {"role": "assistant", "content": answer}]
+    return {"messages": messages, "tools": _TOOLS[name]}
+
+
 def _dump_lines(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -149,10 +224,17 @@ def _dump(rows: list[dict]) -> str:
 
 
 def _training_texts() -> list[str]:
-    """Tokenizer corpus: the shipped tasks in Alpaca layout (generated if the file isn't there)."""
+    """Tokenizer corpus: the shipped tasks in Alpaca layout and the tool chats as the alpaca template prints
+    them (tool list, calls, results), so that JSON and the tool text are a few tokens each. Generated if the
+    files aren't there."""
+    from . import templates
+
     tasks = DATA_FILE.read_text("utf-8") if DATA_FILE.exists() else _dump(generate_tasks())
+    tools = TOOLS_FILE.read_text("utf-8") if TOOLS_FILE.exists() else _dump_lines(generate_tool_chats())
+    alpaca = templates.load_template("alpaca", None)
     return [f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n"
-            f"### Response:\n{r['output']}" for r in json.loads(tasks)]
+            f"### Response:\n{r['output']}" for r in json.loads(tasks)] + [
+        templates.render(alpaca, r["messages"], r["tools"], eos_token="") for r in map(json.loads, tools.splitlines())]
 
 
 def _build(texts: list[str], out: Path) -> None:
@@ -214,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
     DATA_FILE.write_text(_dump(generate_tasks()), "utf-8")
     CHATS_FILE.write_text(_dump_lines(generate_chats()), "utf-8")
-    print(f"wrote {DATA_FILE} and {CHATS_FILE}", file=sys.stderr)
+    TOOLS_FILE.write_text(_dump_lines(generate_tool_chats()), "utf-8")
+    print(f"wrote {DATA_FILE}, {CHATS_FILE} and {TOOLS_FILE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

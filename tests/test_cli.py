@@ -134,14 +134,17 @@ def _scenarios(tmp, model, adapter):
     alpaca, chats = tmp / "rows.jsonl", tmp / "chats.json"
     alpaca.write_text(json.dumps({"q": "Reverse the word.", "a": "nomel", "input": "lemon"}) + "\n")
     chats.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hey"}]}]))
+    tools = tmp / "tools.json"
+    tools.write_text(json.dumps([{"name": "get_capital", "parameters": {"type": "object"}}]))
     sampling = ["--temperature", "0.5", "--top_p", "0.9", "--top_k", "5", "--max_new_tokens", "2", "--seed", "1"]
+    prompt = ["--tools", str(tools), "--chat_template_kwargs", "{style: terse}"]
     return {
         "generate": [["--model", model, "--prompt", "Reverse the word.", "--input", "lemon", "--system", "Be brief.",
-                      *sampling],
+                      *sampling, *prompt],
                      ["--model", model, "--file", str(alpaca), "--output", str(tmp / "out.jsonl"), "--batch_size", "2",
                       "--format", "alpaca", "--columns", "{instruction: q, output: a}", "--max_new_tokens", "2"],
                      ["--model", model, "--file", str(chats), "--roles", "{bot: assistant}", "--max_new_tokens", "2"]],
-        "chat": [["--model", model, "--system", "Be brief.", *sampling]],
+        "chat": [["--model", model, "--system", "Be brief.", *sampling, *prompt]],
         "evaluate": [[TINY, "--model", model, "--baseline", "tiny:gpt2", "--max_rows", "2", "--max_new_tokens", "2",
                       "--batch_size", "2", "--examples", "1", "--output_dir", str(tmp / "eval")],
                      [TINY, "--model", model, "--max_rows", "1", "--max_new_tokens", "1", "--output", str(tmp / "e2")]],
@@ -166,6 +169,7 @@ def test_every_flag_of_every_command_is_used_or_refused(recorded, tiny_trained, 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(tiny, "DATA_FILE", tmp_path / "tasks.json")  # not the shipped files
     monkeypatch.setattr(tiny, "CHATS_FILE", tmp_path / "chats.jsonl")
+    monkeypatch.setattr(tiny, "TOOLS_FILE", tmp_path / "tools.jsonl")
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))  # chat: end of input at once
     unread = []
     for name, runs in _scenarios(tmp_path, str(tiny_trained), str(tiny_lora[1])).items():

@@ -87,7 +87,7 @@ def test_eval_loss_is_the_models_own_loss(tiny_trained):
 
 def test_split_reference():
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert ev.split_reference(msgs) == (msgs[:1], "b")
+    assert ev.split_reference(msgs) == (msgs[:1], msgs[1])
     assert ev.split_reference(msgs[:1]) == (None, None)
 
 

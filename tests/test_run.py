@@ -197,4 +197,4 @@ def test_saved_recipe_reloads_to_the_same_run(tiny_run):
     again = load_recipe(str(saved))
     assert again.sft.max_steps == load_recipe(TINY).sft.max_steps
     assert changed_values(again) == changed_values(load_recipe(str(saved)))
-    assert again.data.datasets == [{"path": "recipes/data/tiny_tasks.json"}]
+    assert again.data.datasets == [{"path": "recipes/data/tiny_tasks.json"}, {"path": "recipes/data/tiny_tools.jsonl"}]

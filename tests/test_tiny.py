@@ -1,8 +1,10 @@
-"""The embedded default's pieces: the shipped task and chat files are exactly what the generator writes, and the
-tiny model builds once, offline, into something transformers loads."""
+"""The embedded default's pieces: the shipped task, chat and tool-chat files are exactly what the generator writes,
+and the tiny model builds once, offline, into something transformers loads."""
+from collections import Counter
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft_recipes import tiny
+from sft_recipes import formats, tiny
 
 
 def test_shipped_task_file_is_what_the_generator_writes():
@@ -11,6 +13,28 @@ def test_shipped_task_file_is_what_the_generator_writes():
 
 def test_shipped_chats_file_is_what_the_generator_writes():
     assert tiny._dump_lines(tiny.generate_chats()) == tiny.CHATS_FILE.read_text(encoding="utf-8")
+
+
+def test_shipped_tool_chats_file_is_what_the_generator_writes():
+    assert tiny._dump_lines(tiny.generate_tool_chats()) == tiny.TOOLS_FILE.read_text(encoding="utf-8")
+
+
+def test_tool_chats_call_the_one_tool_they_offer_with_arguments_from_the_question():
+    chats = tiny.generate_tool_chats()
+    questions = [c["messages"][0]["content"] for c in chats]
+    assert len(set(questions)) == len(chats)  # distinct: no eval question is also a training question
+    kinds = Counter()
+    for chat in chats:
+        (tool,) = chat["tools"]
+        calls = [c for m in chat["messages"] for c in m.get("tool_calls", [])]
+        kinds["text" if not calls else "answer" if len(chat["messages"]) == 4 else "call"] += 1
+        for c in calls:
+            assert c["function"]["name"] == tool["function"]["name"]
+            value = next(iter(c["function"]["arguments"].values()))
+            assert all(part in chat["messages"][0]["content"] for part in value.split(" ") if part not in "*/")
+    assert kinds == {"call": 280, "answer": 70, "text": 70}
+    converted = formats.convert(chats, "messages", source="tiny_tools")
+    assert set(converted["drop"]) == {None}
 
 
 def test_chats_are_multi_turn_and_half_call_the_tool():
