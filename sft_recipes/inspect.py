@@ -17,7 +17,7 @@ from .config import parse_recipe
 from .errors import cli
 from .masking import example_messages
 from .models import load_tokenizer
-from .summary import data_notes, data_table, refusal_examples
+from .summary import print_data
 from .trainer import masked_datasets
 
 
@@ -76,13 +76,9 @@ def main(argv=None):
         reasoning = [m["reasoning_content"] for m in example_messages(row)]
         console.print(highlight(row["input_ids"], row["labels"], tokenizer, reasoning))
     console.rule()
-    console.print(data_table(stats))
-    for line in data_notes(stats):
-        console.print(line, markup=False)
+    print_data(console, stats)
     for split, ds in kept.items():
         console.print(f"{split}: {lengths(ds)}")
-    for line in refusal_examples(stats):
-        console.print(line, markup=False)
     if args.export:
         export(args.export, kept, tokenizer)
         console.print(f"wrote {sum(len(d) for d in kept.values()):,} rows to {args.export}")

@@ -8,18 +8,43 @@ from rich.table import Table
 
 
 def data_table(stats: dict, title: str = "data") -> Table:
+    """Counts only, so the table fits 80 columns; the reasons behind them are `reason_lines`."""
     table = Table(title=title, show_header=True, header_style="bold")
-    for col in ("split", "rows", "examples", "dropped (reason: rows or examples)", "cleaned (reason: rows)",
-                "truncated", "tokens", "trained"):
-        table.add_column(col, overflow="fold")  # a long reason wraps on a narrow terminal; never cut
+    for col in ("split", "rows", "examples", "dropped", "cleaned", "tokens", "trained"):
+        table.add_column(col, justify="left" if col == "split" else "right", overflow="fold")
+    for split, st in stats.items():
+        if not st:
+            continue
+        lost = sum(st["dropped"].values()) + sum(st["refused"].values())
+        table.add_row(split, f"{st['rows']:,}", f"{st['examples']:,}", f"{lost:,}",
+                      f"{sum(st.get('cleaned', {}).values()):,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
+    return table
+
+
+def reason_lines(stats: dict) -> list[str]:
+    """Each split's drops and cleaning by reason, and its truncations, in full: plain lines wrap on a narrow
+    terminal, never cut."""
+    lines = []
     for split, st in stats.items():
         if not st:
             continue
         lost = {**st["dropped"], **st["refused"]}
-        table.add_row(split, f"{st['rows']:,}", f"{st['examples']:,}",
-                      "\n".join(f"{k}: {v}" for k, v in lost.items()) or "none", cleaned(st),
-                      f"{st['truncated']:,}", f"{st['tokens']:,}", f"{st['trained_fraction']:.1%}")
-    return table
+        if lost:
+            lines.append(f"{split} dropped (rows or examples): " + ", ".join(f"{k}: {v:,}" for k, v in lost.items()))
+        if st.get("cleaned"):
+            lines.append(f"{split} cleaned (rows): {cleaned(st)}")
+        if st["truncated"]:
+            lines.append(f"{split} truncated to max_length: {st['truncated']:,} examples")
+    return lines
+
+
+def print_data(console: Console, stats: dict):
+    """The data part of the summary (and of `inspect`): the table, reasons, notes, first refused examples."""
+    console.print(data_table(stats))
+    for line in reason_lines(stats) + data_notes(stats):
+        console.print(line, markup=False)
+    for line in refusal_examples(stats):
+        console.print(line, markup=False)
 
 
 def data_notes(stats: dict) -> list[str]:
@@ -45,7 +70,7 @@ def data_notes(stats: dict) -> list[str]:
 
 def cleaned(st: dict) -> str:
     """Rows removed by each cleaning check that ran (zeros too, so the checks show)."""
-    return ", ".join(f"{k}: {v}" for k, v in st.get("cleaned", {}).items()) or "none"
+    return ", ".join(f"{k}: {v:,}" for k, v in st.get("cleaned", {}).items()) or "none"
 
 
 def refusal_examples(stats: dict) -> list[str]:
@@ -74,11 +99,7 @@ def print_summary(trainer, console: Console | None = None):
                           f"{per_epoch:,} steps/epoch)")
     head.add_row("output", args.output_dir)
     console.print(head)
-    console.print(data_table(trainer.sft_stats))
-    for line in data_notes(trainer.sft_stats):
-        console.print(line, markup=False)
-    for line in refusal_examples(trainer.sft_stats):
-        console.print(line, markup=False)
+    print_data(console, trainer.sft_stats)
 
 
 def _template_name(spec):

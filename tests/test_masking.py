@@ -264,8 +264,9 @@ def first_batch(tmp_path, **overrides):
 
 
 def test_trainer_batches_carry_our_labels(tmp_path, labels_of):
+    """Unpacked: rows padded to the longest, an attention_mask marking the real tokens."""
     from sft_recipes.config import load_recipe
-    batch = first_batch(tmp_path)
+    batch = first_batch(tmp_path, packing=False)
     assert len(batch["input_ids"]) == load_recipe(str(TINY_RECIPE)).sft.per_device_train_batch_size
     for ids, labels, attention in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
                                       batch["attention_mask"].tolist()):
@@ -302,8 +303,9 @@ def test_packed_trainer_batches_carry_our_labels(tmp_path, labels_of):
 # ---------------------------------------------------------------- what inspect exports
 def test_inspect_export_masks_the_prompt_and_trains_response_and_eos(tmp_path):
     out = tmp_path / "rows.jsonl"
+    tasks = json.dumps([{"path": "recipes/data/tiny_tasks.json"}])  # one-turn Alpaca rows (no tool chats)
     done = subprocess.run([sys.executable, "-m", "sft_recipes.inspect", str(TINY_RECIPE), "-n", "1",
-                           "--export", str(out)], cwd=ROOT, capture_output=True, text=True,
+                           "--datasets", tasks, "--export", str(out)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

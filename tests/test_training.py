@@ -46,10 +46,11 @@ def per_token_losses(model, batch) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def masked_rows(tmp_path_factory):
-    """Four rows of the default task set as training sees them: tokenized, prompt masked to -100."""
+    """Four rows of the default task set (no tool chats) as training sees them: tokenized, prompt masked to -100."""
     from sft_recipes import build_datasets, load_recipe, load_tokenizer
 
-    recipe = load_recipe(TINY, eval_strategy="no", eval_split=0,
+    tasks = [{"path": str(ROOT / "recipes" / "data" / "tiny_tasks.json")}]
+    recipe = load_recipe(TINY, datasets=tasks, eval_strategy="no", eval_split=0,
                          output_dir=str(tmp_path_factory.mktemp("pack") / "none"))
     tokenizer = load_tokenizer(recipe)
     train_ds, _, _ = build_datasets(recipe, tokenizer)
