@@ -112,7 +112,7 @@ def native(ds, tokenizer, opts, num_proc):
 def _native_row(example, tokenizer, template, max_length):
     """TRL's `tokenize_fn` for a conversational row with assistant_only_loss, plus its labels and
     truncation steps, in one function."""
-    from sft_recipes.formats import chat_messages
+    from sft_recipes.messages import chat_messages
 
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -311,7 +311,7 @@ class _TrlPreparation:
         from transformers import AutoModelForCausalLM, GPT2Config
         from trl import SFTConfig, SFTTrainer
 
-        from sft_recipes.formats import chat_messages
+        from sft_recipes.messages import chat_messages
 
         self.rows = Dataset.from_list([{"messages": chat_messages(m)} for m in ds["messages"]])
         tok = copy.deepcopy(tokenizer)

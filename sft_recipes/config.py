@@ -14,7 +14,7 @@ from trl import ModelConfig, SFTConfig, TrlParser
 
 from .cleaning import DEDUP, CleanOptions
 from .errors import RecipeError
-from .formats import check_kwargs
+from .messages import check_kwargs
 from .masking import MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
 from .sources import flag_value
 

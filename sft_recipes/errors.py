@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 import warnings
+from typing import NamedTuple
 
 # Messages of the stack under us that need no action: muted while one of our commands runs.
 _MUTED = (
@@ -38,6 +39,36 @@ def data_error(file, problem: str, *, record: int | None = None, line: int | Non
     if hint:
         msg = f"{msg.rstrip('.')}. {hint}"
     return RecipeError(msg)
+
+
+def kind_of(value) -> str:
+    """A JSON value's type in words, for errors: "a list", "a number (3)", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+class Where(NamedTuple):
+    """Where a value came from, so every error names file, record and the user's own field name."""
+    source: str
+    record: int
+    names: dict
+
+    def field(self, canonical: str) -> str:
+        return self.names.get(canonical, canonical)
+
+    def error(self, problem: str, field: str | None = None, hint: str | None = None) -> RecipeError:
+        return data_error(self.source, problem, record=self.record, field=field, hint=hint)
 
 
 def cli(main):

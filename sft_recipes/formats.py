@@ -1,15 +1,10 @@
 """Every common SFT data format, converted to one conversation shape (`CANONICAL_FEATURES`).
 
 A canonical message is `{role, content, input, train, reasoning_content, tool_calls, name,
-tool_call_id}`; a field a message lacks is null. Assistant messages carry their reasoning apart from
-their answer (read from a `reasoning_content`/`reasoning`/`thinking` field, `<think>...</think>` at
-the start of the turn, or Sky-T1's thought/solution markers) and their tool calls as structure
-(OpenAI's `[{"type": "function", "function": {"name", "arguments": {...}}, "id"?}]`), so that each
-model's own template prints both in its own syntax. Tool messages keep the `name` and
-`tool_call_id` of the call they answer. Tool calls, `tools` (the OpenAI list of
-`{"type": "function", "function": schema}`) and per-row `chat_template_kwargs` are stored as JSON
+tool_call_id}`; a field a message lacks is null. What a message holds beyond its text (reasoning,
+tool calls, the results that answer them) is read by `messages`; this module finds the format, the
+columns and the turns. Tool calls, `tools` and per-row `chat_template_kwargs` are stored as JSON
 text: their arguments and schemas are arbitrary JSON, which Arrow cannot hold as typed columns.
-`chat_messages()` turns a stored conversation into what templates receive.
 
 Errors (RecipeError) are data that cannot mean what the user intended: a missing column or field,
 a wrong type, an unknown role, a non-text part, a fractional loss weight, invalid tools or tool
@@ -22,11 +17,12 @@ not use are listed per row in `unused` and reported by name and count, never dro
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
 
 from datasets import Dataset, Features, List, Value
 
-from .errors import RecipeError, data_error
+from .errors import Where, data_error, kind_of
+from .messages import (CALL_ROLES, REASONING_KEYS, calls_of, kwargs_of, link_tool_results, reasoning_of,
+                       split_reasoning, tools_of)
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -60,7 +56,6 @@ _MESSAGE_KEYS = {
     "messages": {"role": ("role", "from"), "content": ("content", "value")},
     "prompt_completion": {"role": ("role", "from"), "content": ("content", "value")},
 }
-REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 # Message keys read besides role and content; any other key is reported as unused.
 _READ = {"train", "weight", "tool_calls", "function_call", "name", "tool_call_id", *REASONING_KEYS}
 
@@ -69,22 +64,6 @@ _DEFAULT_ROLES = {
     "human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool",
     "developer": "system",
 }
-_CALL_ROLES = ("function_call",)  # ShareGPT roles whose value is the call itself (JSON), not text
-_THINK, _END_THINK = "<think>", "</think>"
-_SKY = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
-
-
-class _Where(NamedTuple):
-    """Where a value came from, so every error names file, record and the user's own field name."""
-    source: str
-    record: int
-    names: dict
-
-    def field(self, canonical: str) -> str:
-        return self.names.get(canonical, canonical)
-
-    def error(self, problem: str, field: str | None = None, hint: str | None = None) -> RecipeError:
-        return data_error(self.source, problem, record=self.record, field=field, hint=hint)
 
 
 # ---------------------------------------------------------------- detection
@@ -191,14 +170,14 @@ def _convert_batch(batch, indices, *, fmt, source, names, keys, roles, unused):
     out = {name: [] for name in CANONICAL_FEATURES}
     convert_row = _CONVERTERS[fmt]
     for j, record in enumerate(indices):
-        at = _Where(source, record, names)
+        at = Where(source, record, names)
         row = {field: batch[col][j] for field, col in names.items()}
         seen = [c for c in unused if batch[c][j] is not None]
         messages, text = convert_row(row, at, keys, roles, seen)
-        tools = _tools(row.get("tools"), at) if fmt != "text" else None
+        tools = tools_of(row.get("tools"), at) if fmt != "text" else None
         out["messages"].append(messages)
         out["tools"].append(tools and json.dumps(tools, ensure_ascii=False))
-        out["chat_template_kwargs"].append(_row_kwargs(row.get("chat_template_kwargs"), at))
+        out["chat_template_kwargs"].append(kwargs_of(row.get("chat_template_kwargs"), at))
         out["text"].append(text)
         out["drop"].append(_drop_reason(messages, text, tools))
         out["unused"].append(list(dict.fromkeys(seen)))
@@ -228,7 +207,7 @@ def _alpaca(row, at, keys, roles, unused):
     _add(messages, "system", _string(row, "system", at, required=False))
     history = row.get("history")
     if history is not None and not isinstance(history, list):
-        raise at.error(f"expected a list of [user, assistant] pairs, got {_kind(history)}",
+        raise at.error(f"expected a list of [user, assistant] pairs, got {kind_of(history)}",
                        at.field("history"))
     for k, pair in enumerate(history or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2
@@ -262,12 +241,12 @@ def _sharegpt(row, at, keys, roles, unused):
     _add(messages, "system", _string(row, "system", at, required=False))
     messages += _chat(_required(row, "conversations", at), at, at.field("conversations"),
                       keys, roles, unused)
-    return _link_tool_results(messages, at, at.field("conversations")), None
+    return link_tool_results(messages, at, at.field("conversations")), None
 
 
 def _messages(row, at, keys, roles, unused):
     messages = _chat(_required(row, "messages", at), at, at.field("messages"), keys, roles, unused)
-    return _link_tool_results(messages, at, at.field("messages")), None
+    return link_tool_results(messages, at, at.field("messages")), None
 
 
 def _prompt_completion(row, at, keys, roles, unused):
@@ -276,7 +255,7 @@ def _prompt_completion(row, at, keys, roles, unused):
         if m["train"] is None:
             m["train"] = False
     messages = prompt + _side(row, "completion", "assistant", at, keys, roles, unused)
-    return _link_tool_results(messages, at, "prompt"), None
+    return link_tool_results(messages, at, "prompt"), None
 
 
 def _text(row, at, keys, roles, unused):
@@ -310,48 +289,6 @@ def _add_answer(messages, content, reasoning, at, field, **extra):
          **extra)
 
 
-def split_reasoning(text: str, at, field) -> tuple[str, str | None]:
-    """(answer, reasoning) from `<think>R</think>answer` or Sky-T1's markers; (text, None) without them.
-    The split matches what reasoning templates (Qwen3, GLM) do with such text themselves."""
-    lead = text.lstrip()
-    if _SKY[0] in text or _SKY[1] in text:
-        return _split_sky(text, at, field)
-    if lead.startswith(_THINK):
-        head, close, answer = lead[len(_THINK):].partition(_END_THINK)
-        if not close:
-            raise at.error("<think> is never closed with </think>", field)
-        if _THINK in answer or _END_THINK in answer:
-            raise at.error("a second <think> block in one answer", field,
-                           hint="Put all of a turn's reasoning in one block at its start")
-        return answer.lstrip("\n"), head.strip("\n")
-    if lead.startswith(_END_THINK):  # a template that opens the block in its prompt: no reasoning here
-        return _split_free(lead[len(_END_THINK):].lstrip("\n"), at, field), None
-    return _split_free(text, at, field), None
-
-
-def _split_free(text, at, field):
-    if _THINK in text or _END_THINK in text:
-        tag = _THINK if _THINK in text else _END_THINK
-        raise at.error(f"{tag} inside the answer", field,
-                       hint="Reasoning goes in one <think>...</think> block at the start of the turn "
-                            "(or in a reasoning_content field)")
-    return text
-
-
-def _split_sky(text, at, field):
-    bt, et, bs, es = _SKY
-    parts = text.split(bt)
-    if len(parts) != 2 or parts[0].strip() or text.count(et) != 1 or text.index(et) < text.index(bt):
-        raise at.error(f"expected one {bt}...{et} block at the start of the answer", field)
-    thought, _, rest = parts[1].partition(et)
-    rest = rest.strip()
-    if rest.startswith(bs) or bs in rest or es in rest:
-        if not (rest.startswith(bs) and rest.endswith(es) and rest.count(bs) == rest.count(es) == 1):
-            raise at.error(f"expected the answer in one {bs}...{es} block after the thought", field)
-        rest = rest[len(bs):-len(es)].strip()
-    return rest, thought.strip()
-
-
 def _required(row, field, at):
     value = row.get(field)
     if value is None:
@@ -363,7 +300,7 @@ def _required(row, field, at):
 def _string(row, field, at, *, required=True):
     value = _required(row, field, at) if required else row.get(field)
     if value is not None and not isinstance(value, str):
-        raise at.error(f"expected a string, got {_kind(value)}", at.field(field),
+        raise at.error(f"expected a string, got {kind_of(value)}", at.field(field),
                        hint="Write it as a JSON string")
     return value
 
@@ -378,30 +315,30 @@ def _side(row, field, role, at, keys, roles, unused):
         return messages
     if isinstance(value, list):
         return _chat(value, at, at.field(field), keys, roles, unused)
-    raise at.error(f"expected a string or a list of messages, got {_kind(value)}", at.field(field))
+    raise at.error(f"expected a string or a list of messages, got {kind_of(value)}", at.field(field))
 
 
 def _chat(turns, at, field, keys, roles, unused):
     if not isinstance(turns, list):
-        raise at.error(f"expected a list of messages, got {_kind(turns)}", field)
+        raise at.error(f"expected a list of messages, got {kind_of(turns)}", field)
     messages = []
     known = {*keys["role"], *keys["content"], *_READ}
     for k, turn in enumerate(turns):
         path = f"{field}[{k}]"
         if not isinstance(turn, dict):
-            raise at.error(f"expected a message object, got {_kind(turn)}", path)
+            raise at.error(f"expected a message object, got {kind_of(turn)}", path)
         unused += [f"{field}[].{key}" for key, v in turn.items() if key not in known and v is not None]
         source_role, role = _role(turn, at, path, keys["role"], roles)
         content_key, content = _first(turn, keys["content"])
         text = _text_of(content, at, f"{path}.{content_key}") if content is not None else None
-        calls = _calls_of(turn, source_role, text, at, path)
-        if source_role.lower() in _CALL_ROLES:
+        calls = calls_of(turn, source_role, text, at, path)
+        if source_role.lower() in CALL_ROLES:
             text = ""
         if text is None and not calls:
             raise at.error("missing content", f"{path}.{content_key}",
                            hint="If your messages keep it under another key, map it with "
                                 "`columns: {content: your_key}`")
-        reasoning = _reasoning_field(turn, at, path)
+        reasoning = reasoning_of(turn, at, path)
         if role != "assistant":
             if calls or reasoning is not None:
                 what = "tool calls" if calls else "reasoning"
@@ -432,7 +369,7 @@ def _role(turn, at, path, keys, roles):
                        hint="If your messages keep it under another key, map it with "
                             "`columns: {role: your_key}`")
     if not isinstance(value, str):
-        raise at.error(f"expected a role string, got {_kind(value)}", f"{path}.{key}")
+        raise at.error(f"expected a role string, got {kind_of(value)}", f"{path}.{key}")
     role = roles.get(value, roles.get(value.lower()))
     if role is None:
         raise at.error(f"unknown role '{value}'", f"{path}.{key}",
@@ -446,7 +383,7 @@ def _text_of(value, at, field):
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise at.error(f"expected a string or a list of text parts, got {_kind(value)}", field)
+        raise at.error(f"expected a string or a list of text parts, got {kind_of(value)}", field)
     texts = []
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -461,193 +398,10 @@ def _text_of(value, at, field):
     return "".join(texts)  # what chat templates render: parts back to back
 
 
-def _reasoning_field(turn, at, path):
-    found = {k: turn[k] for k in REASONING_KEYS if turn.get(k) is not None}
-    for key, value in found.items():
-        if not isinstance(value, str):
-            raise at.error(f"expected reasoning text, got {_kind(value)}", f"{path}.{key}")
-    if len({v.strip() for v in found.values()}) > 1:
-        raise at.error(f"different reasoning in {' and '.join(found)}", path, hint="Keep one of them")
-    return next(iter(found.values()), None)
-
-
-# ---------------------------------------------------------------- tool calls and tools
-
-def _calls_of(turn, source_role, text, at, path):
-    """The message's tool calls in the canonical shape, or None: OpenAI `tool_calls` (or the legacy
-    `function_call` key), or a ShareGPT `function_call` turn whose value is the call(s) as JSON."""
-    if source_role.lower() in _CALL_ROLES:
-        field = path + ".value"
-        try:
-            value = json.loads(text or "")
-        except ValueError as e:
-            raise at.error(f"a function_call turn must hold the call as JSON ({e})", field) from None
-        calls = value if isinstance(value, list) else [value]
-        if not calls:
-            raise at.error("a function_call turn with no call", field)
-    elif turn.get("tool_calls") is not None:
-        calls, field = turn["tool_calls"], f"{path}.tool_calls"
-        if not isinstance(calls, list):
-            raise at.error(f"expected a list of tool calls, got {_kind(calls)}", field)
-    elif turn.get("function_call") is not None:
-        calls, field = [turn["function_call"]], f"{path}.function_call"
-    else:
-        return None
-    return [_call(c, at, f"{field}[{i}]") for i, c in enumerate(calls)] or None
-
-
-def _call(call, at, field):
-    if not isinstance(call, dict):
-        raise at.error(f"expected a tool call object, got {_kind(call)}", field)
-    if call.get("type", "function") != "function":
-        raise at.error(f"tool call of type '{call['type']}' is not supported", f"{field}.type",
-                       hint="Only function calls are")
-    fn = call["function"] if isinstance(call.get("function"), dict) else call
-    name = fn.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise at.error("a tool call without a function name", field)
-    args = fn.get("arguments", fn.get("parameters", {}))  # Llama 3.1 writes `parameters`
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError as e:
-            raise at.error(f"arguments are not valid JSON ({e})", f"{field}.arguments") from None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise at.error(f"arguments must be an object (or a JSON string of one), got {_kind(args)}",
-                       f"{field}.arguments")
-    # Nulls are taken as absent: Arrow fills the keys one row lacks but another has with null.
-    out = {"type": "function", "function": {"name": name, "arguments": _without_nulls(args)}}
-    if call.get("id") is not None:
-        out["id"] = str(call["id"])
-    return out
-
-
-def _link_tool_results(messages, at, field):
-    """Give each tool message the name (and id) of the call it answers: the k-th result after an
-    assistant's calls answers the k-th call, unless it names its call by `tool_call_id`."""
-    pending, by_id = [], {}
-    for k, m in enumerate(messages):
-        if m["tool_calls"]:
-            pending = json.loads(m["tool_calls"])
-            by_id.update({c["id"]: c for c in pending if "id" in c})
-        elif m["role"] == "assistant":
-            pending = []
-        elif m["role"] == "tool":
-            if m["tool_call_id"] is not None:
-                call = by_id.get(m["tool_call_id"])
-                if call is None:
-                    raise at.error(f"a tool result answers tool_call_id '{m['tool_call_id']}', which no "
-                                   "earlier call has", f"{field}[{k}]")
-                pending = [c for c in pending if c is not call]
-            elif pending:
-                call = pending.pop(0)
-            else:
-                raise at.error("a tool result with no tool call before it", f"{field}[{k}]",
-                               hint="Each tool (observation) message must follow the assistant call "
-                                    "it answers")
-            m["name"] = m["name"] or call["function"]["name"]
-            m["tool_call_id"] = m["tool_call_id"] or call.get("id")
-    return messages
-
-
-def _tools(value, at):
-    """Tools as the OpenAI list [{"type": "function", "function": schema}]; bare schemas are wrapped.
-    Blank or empty lists mean no tools."""
-    field = at.field("tools")
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise at.error(f"tools is not valid JSON ({e})", field) from None
-    if value in ([], None):
-        return None
-    if not isinstance(value, list):
-        raise at.error(f"tools must be a list of function schemas, got {_kind(value)}", field,
-                       hint="Wrap a single schema in a list")
-    # Arrow fills keys one tool lacks but another has with null; those nulls are not the user's.
-    return [_tool(_without_nulls(t), at, f"{field}[{i}]") for i, t in enumerate(value)]
-
-
-def _tool(tool, at, field):
-    wrapped = isinstance(tool, dict) and isinstance(tool.get("function"), dict)
-    schema = tool["function"] if wrapped else tool
-    if not isinstance(schema, dict) or not isinstance(schema.get("name"), str) or not schema["name"]:
-        raise at.error("expected a function schema with a name", field,
-                       hint='e.g. {"name": "get_weather", "description": ..., "parameters": {...}}')
-    if wrapped and tool.get("type", "function") != "function":
-        raise at.error(f"tool of type '{tool['type']}' is not supported", f"{field}.type",
-                       hint="Only function tools are")
-    return {"type": "function", "function": schema}
-
-
-def read_tools(value, source: str) -> list | None:
-    """Tools given outside a dataset (a `--tools` file) under a row's rules: the OpenAI list, bare schemas
-    wrapped, JSON text parsed; RecipeError naming `source` otherwise."""
-    return _tools(value, _Where(source, None, {}))
-
-
-def read_call(value, source: str) -> dict:
-    """One tool call in the canonical shape, from OpenAI's object or a bare `{"name", "arguments"}` one
-    (`parameters` for Llama; arguments as an object or JSON text of one); RecipeError when it is none."""
-    return _call(value, _Where(source, None, {}), "tool_call")
-
-
-def _row_kwargs(value, at):
-    field = at.field("chat_template_kwargs")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else None
-        except ValueError as e:
-            raise at.error(f"not valid JSON ({e})", field) from None
-    if value is None:
-        return None
-    value = _without_nulls(value) if isinstance(value, dict) else value
-    check_kwargs(value, f"{at.source}, record {at.record}, field '{field}'")
-    return json.dumps(value, ensure_ascii=False) if value else None
-
-
-# Names the renderer itself passes: a kwarg with one of them would silently replace the real value.
-_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
-             "bos_token", "eos_token", "chat_template", "tokenize", "return_dict", "return_assistant_tokens_mask"}
-
-
-def check_kwargs(kwargs, where: str) -> dict:
-    """`chat_template_kwargs` (recipe or row): names to JSON values, none of them the renderer's own."""
-    if not isinstance(kwargs, dict):
-        raise RecipeError(f"{where}: chat_template_kwargs must map names to values, got {_kind(kwargs)}")
-    for key, value in kwargs.items():
-        if not isinstance(key, str) or key in _RESERVED:
-            raise RecipeError(f"{where}: chat_template_kwargs cannot set '{key}': the renderer sets it")
-        bad = _non_json(value)
-        if bad is not None:
-            raise RecipeError(f"{where}: chat_template_kwargs '{key}' has a value of type "
-                              f"{type(bad).__name__}; use text, a number, true/false, or lists/maps of "
-                              "them (quote dates: '2024-07-26')")
-    return kwargs
-
-
-def _non_json(value):
-    """The first value inside `value` that JSON cannot hold, else None."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return None
-    if isinstance(value, (list, tuple)):
-        return next((b for v in value if (b := _non_json(v)) is not None), None)
-    if isinstance(value, dict):
-        return next((b for k, v in value.items() if (b := k if not isinstance(k, str) else _non_json(v))
-                     is not None), None)
-    return value
-
-
 def _optional_string(turn, key, at, path):
     value = turn.get(key)
     if value is not None and not isinstance(value, str):
-        raise at.error(f"expected a string, got {_kind(value)}", f"{path}.{key}")
+        raise at.error(f"expected a string, got {kind_of(value)}", f"{path}.{key}")
     return value
 
 
@@ -655,7 +409,7 @@ def _train(turn, at, path):
     train, weight = turn.get("train"), turn.get("weight")
     if train is not None:
         if not isinstance(train, bool):
-            raise at.error(f"expected true or false, got {_kind(train)}", f"{path}.train")
+            raise at.error(f"expected true or false, got {kind_of(train)}", f"{path}.train")
         return train
     if weight is None:
         return None
@@ -666,48 +420,3 @@ def _train(turn, at, path):
     return bool(weight)
 
 
-def _without_nulls(value):
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-# ---------------------------------------------------------------- what templates receive
-
-def chat_messages(messages, *, reasoning: str = "keep") -> list[dict]:
-    """Stored messages as templates read them: OpenAI-shaped dicts holding only the keys that have a
-    value (templates test `'tool_calls' in message`), tool calls parsed, and the reasoning under each
-    name released templates read (`reasoning_content`: Qwen, GLM, DeepSeek; `thinking`: gpt-oss;
-    `reasoning`). `reasoning="drop"` leaves it out."""
-    out = []
-    for m in messages:
-        msg = {"role": m["role"], "content": m["content"]}
-        if m.get("input") is not None:
-            msg["input"] = m["input"]
-        if m.get("reasoning_content") is not None and reasoning == "keep":
-            msg.update(dict.fromkeys(REASONING_KEYS, m["reasoning_content"]))
-        if m.get("tool_calls"):
-            msg["tool_calls"] = json.loads(m["tool_calls"])
-        for key in ("name", "tool_call_id"):
-            if m.get(key) is not None:
-                msg[key] = m[key]
-        out.append(msg)
-    return out

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from . import formats, sources, templates, tool_calls
-from .errors import RecipeError, cli
+from .errors import RecipeError, Where, cli
+from .messages import chat_messages, check_kwargs, read_tools as _read_tools
 from .models import load_trained, stop_ids, trained_kwargs
 
 logger = logging.getLogger("sft_recipes")
@@ -49,7 +50,7 @@ def alpaca_messages(prompt: str, input: str | None = None, system: str | None = 
     if not prompt or not prompt.strip():
         raise RecipeError("--prompt is empty")
     row = {"instruction": prompt, "input": input, "system": system, "output": ""}
-    messages, _ = formats._alpaca(row, formats._Where("--prompt", 0, {}), None, None, [])
+    messages, _ = formats._alpaca(row, Where("--prompt", 0, {}), None, None, [])
     return messages[:-1]  # without the (empty) assistant turn
 
 
@@ -65,7 +66,7 @@ def prompt_text(tokenizer, messages: list[dict], tools=None, template_kwargs: di
         tools = json.loads(tools)
     if isinstance(template_kwargs, str):
         template_kwargs = json.loads(template_kwargs)
-    return templates.render(tokenizer.chat_template, formats.chat_messages(messages), tools,
+    return templates.render(tokenizer.chat_template, chat_messages(messages), tools,
                             add_generation_prompt=True, bos_token=tokenizer.bos_token,
                             eos_token=tokenizer.eos_token, **(template_kwargs or {}))
 
@@ -85,7 +86,7 @@ def read_tools(path: str) -> list:
         value = json.loads(text)
     except ValueError as e:
         raise RecipeError(f"{path}: not valid JSON ({e})") from None
-    tools = formats.read_tools(value, path)
+    tools = _read_tools(value, path)
     if not tools:
         raise RecipeError(f"{path}: no tools in the list")
     return tools
@@ -260,7 +261,7 @@ def add_prompt_args(parser):
 def prompt_options(args) -> tuple[list | None, dict]:
     """(tools, chat_template_kwargs) for a model folder from the flags of `add_prompt_args`."""
     tools = read_tools(args.tools) if args.tools else None
-    flag = formats.check_kwargs(args.chat_template_kwargs, "--chat_template_kwargs") \
+    flag = check_kwargs(args.chat_template_kwargs, "--chat_template_kwargs") \
         if args.chat_template_kwargs is not None else {}
     return tools, {**trained_kwargs(args.model), **flag}
 

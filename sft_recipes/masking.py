@@ -28,7 +28,7 @@ from datasets import Dataset, Features, List, Value
 from datasets.fingerprint import Hasher
 
 from . import templates
-from .formats import chat_messages
+from .messages import chat_messages
 
 TRAIN_ON = ("all_assistant", "last_assistant")
 TRUNCATION = ("keep_start", "turn_boundary", "drop_row")

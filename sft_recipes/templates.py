@@ -123,7 +123,7 @@ def has_markers(source: str) -> bool:
 def render(source: str, messages: list[dict], tools=None, *, add_generation_prompt=False, **kwargs) -> str:
     """One conversation rendered; `kwargs` are the specials (bos/eos) and chat_template_kwargs.
 
-    Our messages, tools and kwargs are plain JSON data already (`formats.chat_messages`), so the
+    Our messages, tools and kwargs are plain JSON data already (`messages.chat_messages`), so the
     compiled template (transformers' sandboxed Jinja environment and helpers) renders them directly;
     `render_jinja_template`'s per-call copy of every input costs about a sixth of a render, and
     masking renders twice per trained turn."""

@@ -16,7 +16,7 @@ import json
 import re
 
 from .errors import RecipeError
-from .formats import read_call
+from .messages import read_call
 
 _OPEN, _CLOSE, _MISTRAL = "<tool_call>", "</tool_call>", "[TOOL_CALLS]"
 _SPACE = re.compile(r"\s*")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import shared_file
 from sft_recipes import evaluate as ev
-from sft_recipes import formats, generate, load_recipe, models, templates, tiny, tool_calls, train
+from sft_recipes import generate, load_recipe, messages, models, templates, tiny, tool_calls, train
 from sft_recipes.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +273,6 @@ def test_evaluating_the_default_reports_tool_call_accuracy(caller, tmp_path):
 
 
 def test_read_call_is_the_data_layers_rule():
-    assert formats.read_call({"name": "f", "parameters": '{"a": 1}'}, "x") == call("f", a=1)
+    assert messages.read_call({"name": "f", "parameters": '{"a": 1}'}, "x") == call("f", a=1)
     with pytest.raises(RecipeError, match="x, field 'tool_call': a tool call without a function name"):
-        formats.read_call({"arguments": {}}, "x")
+        messages.read_call({"arguments": {}}, "x")
