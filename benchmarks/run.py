@@ -1,6 +1,6 @@
 """python -m benchmarks.run [--quick] [--only preprocess,cleaning,train,overhead,gpu]
 
-Prints a table and writes benchmarks/results/<YYYY-MM-DD>-<host>.json and .md. Every figure is measured
+Prints a table and writes benchmarks/results/<YYYY-MM-DD>-<host>[-<sections>][-quick].json and .md. Every figure is measured
 against its baseline in the same run (median of repetitions, candidate and baseline interleaved)."""
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def _brief(detail: dict) -> str:
 def write(results: dict, table: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{results['machine']['host']}"
+    if results["sections"] != list(SECTIONS):  # a partial run must not overwrite the day's full one
+        stem += "-" + "+".join(results["sections"])
+    if results["quick"]:
+        stem += "-quick"
     json_path, md_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path.write_text(table + "\n")
