@@ -3,8 +3,8 @@
 
 The rows: glaive_toolcall_en_demo replicated to 5k (quick) or 100k rows. Of every 20 copies one is an exact
 copy (a reply upper-cased), one a light rewrite (2 words of the longest reply changed) and 18 are new rows
-(30 % of the words of every user and assistant turn replaced by other glaive words, so no two are near
-duplicates); the first copy of each record is the record itself. 100 more rows each quote 13 words of an
+(30 % of the words of every user and assistant turn, and of a call's argument values, replaced by other
+glaive words, so no two are near duplicates and every call stays valid); the first copy of each record is the record itself. 100 more rows each quote 13 words of an
 eval answer. Eval rows: instruction-data. The figure's detail compares what was found with what was injected:
 `duplicate` also counts glaive's own 35 copies, and `near_duplicate` only the rewrites whose Jaccard still
 reaches 0.9 (two words changed in a short reply fall below it; see README, Cleaning).
@@ -62,7 +62,8 @@ def variants(records: list[dict], evals: list[dict], rows: int, seed: int = 0) -
             injected["rewrites"] += 1
         else:
             for t in turns:
-                t["value"] = _replace(t["value"], rng, vocab, share=0.3)
+                t["value"] = (_replace_call(t["value"], rng, vocab) if t["from"] == "function_call"
+                              else _replace(t["value"], rng, vocab, share=0.3))
         out.append(record)
     for e in rng.sample([e for e in evals if len(re.findall(r"\w+", e["output"])) >= 13], 100):
         quote = " ".join(re.findall(r"\w+", e["output"])[:13])
@@ -70,6 +71,23 @@ def variants(records: list[dict], evals: list[dict], rows: int, seed: int = 0) -
                                       {"from": "gpt", "value": f"As I said: {quote}."}], "tools": ""})
         injected["eval quotes"] += 1
     return out, injected
+
+
+def _replace_call(text: str, rng, vocab) -> str:
+    """A function_call turn (the call as JSON) with words of its argument values replaced: still a valid call."""
+    call = json.loads(text)
+    args = call.get("arguments")
+    parsed = json.loads(args) if isinstance(args, str) else args
+
+    def walk(value):
+        if isinstance(value, str):
+            return _replace(value, rng, vocab, share=0.3)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return [walk(v) for v in value] if isinstance(value, list) else value
+
+    call["arguments"] = json.dumps(walk(parsed)) if isinstance(args, str) else walk(parsed)
+    return json.dumps(call)
 
 
 def _replace(text: str, rng, vocab, *, k: int = 0, share: float = 0.0) -> str:

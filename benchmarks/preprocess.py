@@ -357,14 +357,19 @@ def before_and_after(quick: bool) -> dict:
     try:
         with workers({"now": (_Masking, None, str(path), rows), "before": (_Masking, old, str(path), rows)}) as ws:
             t_now, t_before = interleaved(lambda: ws["now"].call(), lambda: ws["before"].call(), 2 if quick else REPS)
+            tokens = {side: w.call("tokens") for side, w in ws.items()}
     finally:
         shutil.rmtree(old, ignore_errors=True)
     speedup = ratio_of_medians_per_rep(t_before, t_now)
+    per_token = speedup * tokens["now"] / tokens["before"]  # the new rows print more: the tool prompt, call tags
     fig = figure(SECTION, name, round(speedup, 2), "x", goal=">= 1x", met=speedup >= 1, rows=rows,
                  now_conv_per_s=round(rows / median(t_now)), before_conv_per_s=round(rows / median(t_before)),
+                 now_tokens_per_row=round(tokens["now"] / rows, 1), before_tokens_per_row=round(tokens["before"] / rows, 1),
+                 tokens_per_s_ratio=round(per_token, 2),
                  now_s=[round(t, 3) for t in t_now], before_s=[round(t, 3) for t in t_before])
     d = fig["detail"]
-    print(f"[{SECTION}] {name}: {speedup:.2f}x ({d['now_conv_per_s']} vs {d['before_conv_per_s']} conv/s)", flush=True)
+    print(f"[{SECTION}] {name}: {speedup:.2f}x ({d['now_conv_per_s']} vs {d['before_conv_per_s']} conv/s; "
+          f"{d['now_tokens_per_row']} vs {d['before_tokens_per_row']} tokens a row: {per_token:.2f}x tokens/s)", flush=True)
     return fig
 
 
@@ -390,8 +395,12 @@ class _Masking:
         self.masking = masking
         masking.tokenize(self.ds.select(range(64)), self.tokenizer, self.opts)
 
-    def __call__(self):
+    def __call__(self, what="seconds"):
+        if what == "tokens":  # of the last run, counted outside its timing
+            return self.tokens
         start = time.perf_counter()
-        self.masking.tokenize(self.ds, self.tokenizer, self.opts)
-        return time.perf_counter() - start
+        out = self.masking.tokenize(self.ds, self.tokenizer, self.opts)
+        seconds = time.perf_counter() - start
+        self.tokens = sum(out["n_tokens"])
+        return seconds
 

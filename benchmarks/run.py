@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[2])
-    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (about 6 minutes)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (about 9 minutes)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
