@@ -87,14 +87,20 @@ _MAP_KEYS = ("chat_template_kwargs",)
 class _Parser(TrlParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for action in self._actions:  # argparse would want one dict per word: take one YAML or JSON value
-            if action.dest in _LIST_KEYS:
-                action.type, action.nargs, action.metavar = _entries, None, "YAML"
-            elif action.dest in _MAP_KEYS:
-                action.type, action.metavar = _mapping, "YAML"
+        _yaml_flags(self)
 
     def error(self, message):  # argparse would print the whole usage and exit; we want one line
         raise RecipeError(message)
+
+
+def _yaml_flags(parser):
+    """List and mapping keys take one YAML or JSON value on the command line (argparse would want one dict
+    per word)."""
+    for action in parser._actions:
+        if action.dest in _LIST_KEYS:
+            action.type, action.nargs, action.metavar = _entries, None, "YAML"
+        elif action.dest in _MAP_KEYS:
+            action.type, action.metavar = _mapping, "YAML"
 
 
 def _entries(text: str) -> list:
@@ -169,11 +175,7 @@ def recipe_help_parser(prog: str, description: str):
     parser.add_argument("recipe", metavar="RECIPE.yaml",
                         help="a flat YAML recipe (see recipes/); flags after it override its keys")
     parser._positionals.title, parser._optionals.title = "positional arguments", "sft_recipes keys"
-    for action in parser._actions:
-        if action.dest in _LIST_KEYS:
-            action.metavar, action.nargs = "YAML", None
-        elif action.dest in _MAP_KEYS:
-            action.metavar = "YAML"
+    _yaml_flags(parser)
     return parser
 
 

@@ -156,7 +156,8 @@ def score(responses, prompts, rows, tokenizer) -> tuple[dict, dict, list]:
     calls = [reference_calls(r) for r in references]
     text = [i for i, c in enumerate(calls) if c is None]
     called = [i for i, c in enumerate(calls) if c is not None]
-    parsed = [tool_calls.parse(responses[i], tokenizer, prompt=prompts[i], tools=json.loads(rows["tools"][i] or "null"))
+    tools = rows["tools"]
+    parsed = [tool_calls.parse(responses[i], tokenizer, prompt=prompts[i], tools=json.loads(tools[i] or "null"))
               ["tool_calls"] if calls[i] is not None else None for i in range(len(responses))]
     summary, per_example = dict.fromkeys(TEXT_SCORES), {k: [None] * len(responses) for k in (*TEXT_SCORES, "tool_call")}
     if text:

@@ -174,6 +174,7 @@ class _Masker:
         if bad:
             return [_Ex(r, n_messages=len(messages), reason=bad)]
         tmsgs = chat_messages(messages, reasoning=o.reasoning)
+        schemas = json.loads(tools) if tools else None  # parsed once for every render of the row
         kw = {**self.specials, **(json.loads(kwargs) if kwargs else {})}
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         trained = [i for i in assistant if messages[i]["train"] is not False]
@@ -181,9 +182,9 @@ class _Masker:
             trained = trained[-1:]
         try:
             if o.train_on_inputs:
-                full = templates.render(o.template, tmsgs, tools and json.loads(tools), **kw)
+                full = templates.render(o.template, tmsgs, schemas, **kw)
                 return [_Ex(r, full, len(messages), runs=[(False, (0, len(full)), (False, False))])]
-            found = self._render(tmsgs, tools, trained, per_turn, kw)
+            found = self._render(tmsgs, schemas, trained, per_turn, kw)
         except templates.TurnError as e:
             return [_Ex(r, n_messages=len(messages), reason=e.args)]
         except Exception as e:  # a template that raises on this row (raise_exception, a jinja error)
@@ -193,7 +194,7 @@ class _Masker:
         for k, ex in enumerate(found):
             # A non-assistant message with `train: true` is trained once: in the first example holding it.
             mine = [i for i in extra if i < ex.n_messages and (k == 0 or i >= found[k - 1].n_messages)]
-            out.append(self._spans(r, ex, messages, tmsgs, tools, kw, mine))
+            out.append(self._spans(r, ex, messages, tmsgs, schemas, kw, mine))
         if len(out) == 1 and len(found[0].spans) > 1 and out[0].reason and o.multi_turn == "auto":
             # One turn the template can't print must not cost the row's other turns: one example each.
             return self._examples(r, messages, tools, text, kwargs, per_turn=True)
@@ -441,6 +442,8 @@ def _arguments_as_text(tmsgs):
 
 def _printed(value, turn: str) -> bool:
     """An argument value appears in the turn as templates print it: raw text, JSON, or Jinja's str()."""
+    if isinstance(value, str) and value in turn:  # most values: printed raw or inside JSON quotes
+        return True
     forms = {json.dumps(value, ensure_ascii=False), json.dumps(value), str(value)}
     if isinstance(value, str):
         forms |= {value, json.dumps(value, ensure_ascii=False)[1:-1]}
