@@ -334,12 +334,15 @@ class _TrlPreparation:
 
 # ---------------------------------------------------------------- glaive before and after this change
 BASE_COMMIT = "f04c7be"  # main before reasoning and structured tool calls (tool calls were content text)
+CONTROL_TEMPLATE = Path(__file__).parent / "chatml_f04c7be_text.jinja"
 
 
 def before_and_after(quick: bool) -> dict:
     """Masking glaive_toolcall_en_demo replicated to 10k rows (3k with --quick) with the chatml template and the
     GPT-2 tokenizer: this checkout against BASE_COMMIT (extracted with `git archive`), each in a fresh worker
-    process, timed alternately. The new side prints tools and calls as structure (more text per row)."""
+    process, timed alternately. The new side prints tools and calls as structure (more text per row); a third
+    worker runs this checkout's code on BASE_COMMIT's text (CONTROL_TEMPLATE), which splits the change into
+    what the code costs (same text) and what the longer text costs (same code)."""
     rows = 3_000 if quick else 10_000
     name = f"glaive x{rows // 1000}k, chatml, 1 proc: masking now vs before structured tool calls ({BASE_COMMIT})"
     path, why = data_file(GLAIVE)
@@ -354,40 +357,54 @@ def before_and_after(quick: bool) -> dict:
     except (OSError, subprocess.CalledProcessError) as e:
         shutil.rmtree(old, ignore_errors=True)
         return skipped(SECTION, name, f"skipped: cannot extract {BASE_COMMIT} ({e})")
+    sides = {"now": (_Masking, None, str(path), rows), "before": (_Masking, old, str(path), rows),
+             "control": (_Masking, None, str(path), rows, str(CONTROL_TEMPLATE))}
     try:
-        with workers({"now": (_Masking, None, str(path), rows), "before": (_Masking, old, str(path), rows)}) as ws:
-            t_now, t_before = interleaved(lambda: ws["now"].call(), lambda: ws["before"].call(), 2 if quick else REPS)
+        with workers(sides) as ws:
+            pairs, t_before = interleaved(lambda: (ws["now"].call(), ws["control"].call()),
+                                          lambda: ws["before"].call(), 2 if quick else REPS)
             tokens = {side: w.call("tokens") for side, w in ws.items()}
+            same_text = ws["control"].call("digest") == ws["before"].call("digest")
     finally:
         shutil.rmtree(old, ignore_errors=True)
+    t_now, t_control = [p[0] for p in pairs], [p[1] for p in pairs]
     speedup = ratio_of_medians_per_rep(t_before, t_now)
     per_token = speedup * tokens["now"] / tokens["before"]  # the new rows print more: the tool prompt, call tags
     fig = figure(SECTION, name, round(speedup, 2), "x", goal=">= 1x", met=speedup >= 1, rows=rows,
                  now_conv_per_s=round(rows / median(t_now)), before_conv_per_s=round(rows / median(t_before)),
                  now_tokens_per_row=round(tokens["now"] / rows, 1), before_tokens_per_row=round(tokens["before"] / rows, 1),
                  tokens_per_s_ratio=round(per_token, 2),
-                 now_s=[round(t, 3) for t in t_now], before_s=[round(t, 3) for t in t_before])
+                 code_factor=round(ratio_of_medians_per_rep(t_before, t_control), 2),  # same text, new code
+                 text_factor=round(ratio_of_medians_per_rep(t_control, t_now), 2),     # same code, new text
+                 control_same_tokens_as_before=same_text,  # each distinct row's input_ids: the control is the old text
+                 now_s=[round(t, 3) for t in t_now], before_s=[round(t, 3) for t in t_before],
+                 control_s=[round(t, 3) for t in t_control])
     d = fig["detail"]
     print(f"[{SECTION}] {name}: {speedup:.2f}x ({d['now_conv_per_s']} vs {d['before_conv_per_s']} conv/s; "
-          f"{d['now_tokens_per_row']} vs {d['before_tokens_per_row']} tokens a row: {per_token:.2f}x tokens/s)", flush=True)
+          f"{d['now_tokens_per_row']} vs {d['before_tokens_per_row']} tokens a row: {per_token:.2f}x tokens/s; "
+          f"new code on the old text {d['code_factor']:.2f}x (same tokens: {same_text}), new text on the new code "
+          f"{d['text_factor']:.2f}x)", flush=True)
     return fig
 
 
 class _Masking:
     """In a worker: sft_recipes from `code_dir` (None: this checkout), the GPT-2 tokenizer with that version's
-    chatml template, canonical glaive rows; a call times `masking.tokenize` on them."""
+    chatml template (or `template`, trusted as a shipped one is, so the same code path runs), canonical
+    glaive rows; a call times `masking.tokenize` on them."""
 
-    def __init__(self, code_dir, path, rows):
+    def __init__(self, code_dir, path, rows, template=None):
         import sys
 
         if code_dir:
             sys.path.insert(0, code_dir)
         import datasets
 
-        from sft_recipes import config, masking, sources, trainer
+        from sft_recipes import config, masking, sources, templates, trainer
         assert code_dir is None or masking.__file__.startswith(code_dir)
         datasets.disable_caching()
-        template = str(Path(code_dir) / "chat_templates" / "chatml.jinja") if code_dir else "chatml"
+        if template:
+            templates.is_shipped = lambda source: True
+        template = template or (str(Path(code_dir) / "chat_templates" / "chatml.jinja") if code_dir else "chatml")
         r = config.load_recipe(model_name_or_path=str(GPT2_TOKENIZER), chat_template=template)
         self.tokenizer = trainer.load_tokenizer(r)
         self.opts = trainer.mask_options(r, self.tokenizer)
@@ -397,10 +414,12 @@ class _Masking:
 
     def __call__(self, what="seconds"):
         if what == "tokens":  # of the last run, counted outside its timing
-            return self.tokens
+            return sum(self.out["n_tokens"])
+        if what == "digest":
+            import hashlib
+            # Distinct rows: the two loaders fill the last partial copy of the 300 rows with different ones.
+            return hashlib.sha256(json.dumps(sorted({tuple(ids) for ids in self.out["input_ids"]})).encode()).hexdigest()
         start = time.perf_counter()
-        out = self.masking.tokenize(self.ds, self.tokenizer, self.opts)
-        seconds = time.perf_counter() - start
-        self.tokens = sum(out["n_tokens"])
-        return seconds
+        self.out = self.masking.tokenize(self.ds, self.tokenizer, self.opts)
+        return time.perf_counter() - start
 
