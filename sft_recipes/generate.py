@@ -66,9 +66,8 @@ def prompt_text(tokenizer, messages: list[dict], tools=None, template_kwargs: di
         tools = json.loads(tools)
     if isinstance(template_kwargs, str):
         template_kwargs = json.loads(template_kwargs)
-    return templates.render(tokenizer.chat_template, chat_messages(messages), tools,
-                            add_generation_prompt=True, bos_token=tokenizer.bos_token,
-                            eos_token=tokenizer.eos_token, **(template_kwargs or {}))
+    return templates.render(tokenizer.chat_template, chat_messages(messages), tools, add_generation_prompt=True,
+                            **{**templates.special_tokens(tokenizer), **(template_kwargs or {})})
 
 
 def row_kwargs(template_kwargs: dict | None, row_kwargs: str | None) -> dict:

@@ -141,8 +141,7 @@ class _Masker:
     def __init__(self, tokenizer, opts: MaskOptions):
         self.tok, self.opts = tokenizer, opts
         self.backend = _backend(tokenizer)
-        self.specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                         **opts.chat_template_kwargs}
+        self.specials = {**templates.special_tokens(tokenizer), **opts.chat_template_kwargs}
         self.added_re = _added_tokens_re(tokenizer)
         special = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.stop_ids = set(special) | set(tokenizer.all_special_ids)  # Phi-3's <|end|>, not only named ones

@@ -21,6 +21,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+import jinja2
 from transformers.utils.chat_template_utils import render_jinja_template
 
 try:  # transformers' cached compile and marker tracking (private; render_jinja_template otherwise)
@@ -52,7 +53,19 @@ def template_names() -> list[str]:
 
 
 def load_template(spec: str | None, tokenizer) -> str:
-    """`spec` is a shipped name, a `.jinja` path, inline Jinja, or `tokenizer`/None for the model's own."""
+    """`spec` is a shipped name, a `.jinja` path, inline Jinja, or `tokenizer`/None for the model's own.
+    A template that does not compile stops here, once, rather than refusing every row."""
+    source = _source(spec, tokenizer)
+    try:
+        if _compile is not None:
+            _compile(source)
+    except jinja2.TemplateSyntaxError as e:
+        where = "the tokenizer's chat template" if spec in (None, "", "tokenizer") else "chat_template"
+        raise RecipeError(f"{where}: Jinja syntax error on line {e.lineno}: {e.message}") from None
+    return source
+
+
+def _source(spec, tokenizer) -> str:
     if spec in (None, "", "tokenizer"):
         if not tokenizer.chat_template:
             raise RecipeError(
@@ -120,8 +133,14 @@ def has_markers(source: str) -> bool:
     return bool(_MARKER.search(source))
 
 
+def special_tokens(tokenizer) -> dict:
+    """The special-token variables a template reads, as `apply_chat_template` passes them: only the ones the
+    tokenizer has (Qwen has no BOS: `{{ bos_token }}` prints nothing, not "None")."""
+    return dict(tokenizer.special_tokens_map)
+
+
 def render(source: str, messages: list[dict], tools=None, *, add_generation_prompt=False, **kwargs) -> str:
-    """One conversation rendered; `kwargs` are the specials (bos/eos) and chat_template_kwargs.
+    """One conversation rendered; `kwargs` are the special tokens and chat_template_kwargs.
 
     Our messages, tools and kwargs are plain JSON data already (`messages.chat_messages`), so the
     compiled template (transformers' sandboxed Jinja environment and helpers) renders them directly;
@@ -239,8 +258,9 @@ def _turn(source, messages, tools, i, kwargs) -> _Turn:
     - the generation prompt pre-fills text the rendered turn lacks (DeepSeek-R1's `<think>\n`): the
       render is kept as it is and the turn starts where it parts from the prompt; the pre-fill is noted;
     - the history is printed differently once the turn exists (gpt-oss drops the analysis of earlier
-      tool calls once a final answer follows): the turn, as the template prints it after the previous
-      message, is trained after the prompt inference shows."""
+      tool calls once a final answer follows; Mistral prints the system message in the last user turn
+      only): the turn, as the template prints it after the previous message, is trained after the
+      prompt inference shows."""
     prompt = _prompt(source, messages, tools, i, kwargs)
     upto = render(source, messages[: i + 1], tools, **kwargs)
     if upto.startswith(prompt):
@@ -259,7 +279,12 @@ def _turn(source, messages, tools, i, kwargs) -> _Turn:
         return _Turn(upto, (len(base) + common, len(upto.rstrip())),
                      notes=[f"generation prompt pre-fills {gen[common:]!r}, which the rendered turn lacks"])
     at = _after_previous(upto, messages[i - 1]) if i else -1
-    start = upto.find(gen, at) if at >= 0 and gen else -1
+    if gen:
+        start = upto.find(gen, at) if at >= 0 else -1
+    else:  # no generation prompt (Mistral): the turn follows what the prompt prints after the previous message
+        end = _after_previous(prompt, messages[i - 1]) if i else -1
+        gen = prompt[end:] if end >= 0 else ""
+        start = at if gen and at >= 0 and upto.startswith(gen, at) else -1
     if start < 0:
         raise TurnError("generation_prompt_mismatch", f"message {i} is not printed after its generation prompt")
     text = prompt + upto[start + len(gen):]

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from mask_oracle import GPT2, TINY, chat, check_row, decode, mask, message, render, tokenizer_for
+from mask_oracle import GPT2, TINY, chat, check_row, dataset, decode, mask, message, render, tokenizer_for
 from sft_recipes import masking, templates
 
 TEMPLATES = templates.template_names()
@@ -159,6 +159,54 @@ def test_template_that_rewrites_history_trains_each_turn_as_inference_renders_it
 def test_multi_turn_joint_refuses_rows_it_cannot_keep_whole(source):
     out, _ = mask(MULTI_TURN, TINY, source, multi_turn="joint")
     assert out["drop"] == ["template_rewrites_earlier_turns"] * len(MULTI_TURN), out["detail"]
+
+
+# Like Mistral v0.3's own template: no generation prompt, and the system message printed inside the user
+# turn that ends the conversation only, so it moves (and vanishes from the history) once a turn exists.
+SYSTEM_IN_LAST_USER = (
+    "{%- set sys = messages[0].content if messages[0].role == 'system' else '' -%}"
+    "{%- for m in (messages[1:] if sys else messages) -%}"
+    "{%- if m.role == 'user' -%}{{- '[INST] ' + (sys + '\\n\\n' if sys and loop.last else '') + m.content + '[/INST]' -}}"
+    "{%- else -%}{{- ' ' + m.content + eos_token -}}{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def test_template_without_generation_prompt_that_moves_the_system_message_keeps_every_turn():
+    """Each turn follows the prompt inference shows (system message in the last user turn), found after the
+    text the prompt prints past the previous message, since there is no generation prompt to look for."""
+    rows = [CONVERSATIONS["multi_turn_with_system"], MULTI_TURN[2]]
+    out, tok = mask(rows, TINY, SYSTEM_IN_LAST_USER)
+    assert out["drop"] == [None] * len(out), out["detail"]
+    assert sorted((row["row"], t) for row in out for t in row["turns"]) == [(0, 2), (0, 4), (1, 1), (1, 3)]
+    assert [row["split"] for row in out] == [True, True, False]  # only the row with a system message splits
+    for row in out:
+        text = check_row(row, tok, SYSTEM_IN_LAST_USER, end_of_turn=tok.eos_token)
+        if row["split"]:
+            assert "You are a terse assistant." in text  # the prompt of each turn, as inference renders it
+
+
+def test_special_token_a_tokenizer_lacks_is_printed_as_nothing():
+    """Qwen's tokenizer has no BOS: a template printing `{{ bos_token }}` (Hermes-style) must render as
+    `apply_chat_template` does, with nothing there, in training and at generation alike."""
+    from transformers import AutoTokenizer
+
+    from conftest import shared_file
+    from sft_recipes import generate
+    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/qwen3")))
+    assert tok.bos_token is None
+    tok.chat_template = source = "{{ bos_token }}" + templates.load_template("chatml", tok)
+    row = CONVERSATIONS["multi_turn_with_system"]
+    out = masking.tokenize(dataset([row]), tok, masking.MaskOptions(template=source, end_of_turn="<|im_end|>"))
+    assert out["drop"] == [None], out["detail"]
+    assert check_row(out[0], tok, source, end_of_turn="<|im_end|>").startswith("<|im_start|>system")
+    messages = row["messages"][:2]
+    assert generate.prompt_text(tok, messages) == render(tok, messages, None, source, add_generation_prompt=True)
+
+
+def test_template_that_does_not_compile_stops_at_load_with_its_line():
+    from sft_recipes.errors import RecipeError
+    with pytest.raises(RecipeError, match=r"chat_template: Jinja syntax error on line 2: unexpected '}'"):
+        templates.load_template("{%- for m in messages -%}\n{% set x = m | tojson}{%- endfor -%}", None)
 
 
 def test_template_that_changes_content_is_refused():
