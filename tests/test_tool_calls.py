@@ -165,7 +165,7 @@ def test_prompts_render_with_the_kwargs_the_model_was_trained_with(tmp_path):
 
     class Tok:
         chat_template = "{{ style }}|{% for m in messages %}{{ m.content }}{% endfor %}"
-        bos_token = eos_token = ""
+        special_tokens_map = {"eos_token": ""}
 
     messages = [{"role": "user", "content": "hi", "input": None, "train": None}]
     assert generate.prompt_text(Tok, messages, None, {"style": "terse"}) == "terse|hi"
