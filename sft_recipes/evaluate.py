@@ -183,7 +183,7 @@ def evaluate_model(model, tokenizer, rows, *, batch_size, loss_batch_size, max_n
                              max_new_tokens=max_new_tokens)
     summary, per_example, parsed = score(responses, prompts, rows, tokenizer)
     return {"metrics": {**summary, **loss, "loss_rows": len(trainable), "generated_rows": len(responses)},
-            "responses": responses, "scores": per_example, "tool_calls": parsed}
+            "prompts": prompts, "responses": responses, "scores": per_example, "tool_calls": parsed}
 
 
 # ---------------------------------------------------------------- output
@@ -291,7 +291,7 @@ def write_outputs(out: Path, info: dict, runs: dict, prompts, references, n_exam
 # ---------------------------------------------------------------- command
 def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=128, batch_size=16, output=None,
         examples=5, console=None) -> dict:
-    """The whole evaluation; returns {name: {"path", "metrics", "responses", "scores"}}."""
+    """The whole evaluation; returns {name: {"path", "metrics", "prompts", "responses", "scores", "tool_calls"}}."""
     console = console or Console()
     model, tokenizer = load_evaluated(model_dir)
     masked = masked_rows(eval_conversations(recipe), tokenizer, recipe)
@@ -302,8 +302,7 @@ def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=
         raise RecipeError("no eval rows with an assistant turn to score")
     masked = masked.select(keep)
     sizes = dict(batch_size=batch_size, loss_batch_size=recipe.sft.per_device_eval_batch_size or batch_size,
-                 max_new_tokens=max_new_tokens)
-    sizes = {**sizes, "template_kwargs": recipe.data.chat_template_kwargs}
+                 max_new_tokens=max_new_tokens, template_kwargs=recipe.data.chat_template_kwargs)
     runs = {}
     if baseline:
         base_model, base_tok = load_baseline(baseline, recipe, tokenizer.chat_template)
@@ -313,7 +312,7 @@ def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=
         del base_model
     runs["model"] = {"path": model_dir, **evaluate_model(model, tokenizer, masked, **sizes)}
     out = Path(output or model_dir)
-    prompts = prompts_of(tokenizer, masked, recipe.data.chat_template_kwargs)
+    prompts = runs["model"]["prompts"]
     references = [reference_text(split_reference(m)[1]) for m in masked["messages"]]
     info = {"recipe": recipe.path, "model": model_dir, "rows": len(keep),
             "tool_call_rows": runs["model"]["metrics"]["tool_call_rows"], "max_new_tokens": max_new_tokens,

@@ -111,18 +111,14 @@ def sampling_kwargs(temperature=0.7, top_p=None, top_k=None, max_new_tokens=256)
             **{k: v for k, v in chosen.items() if v is not None}}
 
 
-def generate(model, tokenizer, conversations, *, tools=None, template_kwargs=None, batch_size=16, progress=False,
-             streamer=None, seed=None, temperature=0.7, top_p=None, top_k=None, max_new_tokens=256,
-             **generate_kwargs) -> list[str]:
-    """One response per conversation (a list of canonical messages, or a plain string sent as is).
+def generate(model, tokenizer, conversations, *, tools=None, batch_size=16, progress=False, streamer=None,
+             seed=None, temperature=0.7, top_p=None, top_k=None, max_new_tokens=256, **generate_kwargs) -> list[str]:
+    """One response per conversation (a list of canonical messages, or a prompt rendered with `prompt_text`).
 
-    `tools`, `template_kwargs`: optional lists parallel to `conversations` (see `prompt_text`). Extra keyword
-    arguments go to `model.generate`.
+    `tools`: optional list parallel to `conversations`. Extra keyword arguments go to `model.generate`.
     """
     tools = tools or [None] * len(conversations)
-    template_kwargs = template_kwargs or [None] * len(conversations)
-    prompts = [c if isinstance(c, str) else prompt_text(tokenizer, c, t, k)
-               for c, t, k in zip(conversations, tools, template_kwargs)]
+    prompts = [c if isinstance(c, str) else prompt_text(tokenizer, c, t) for c, t in zip(conversations, tools)]
     kwargs = {**sampling_kwargs(temperature, top_p, top_k, max_new_tokens), **generate_kwargs,
               "eos_token_id": stop_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if streamer is not None and len(prompts) != 1:

@@ -41,9 +41,7 @@ def reason_lines(stats: dict) -> list[str]:
 def print_data(console: Console, stats: dict):
     """The data part of the summary (and of `inspect`): the table, reasons, notes, first refused examples."""
     console.print(data_table(stats))
-    for line in reason_lines(stats) + data_notes(stats):
-        console.print(line, markup=False)
-    for line in refusal_examples(stats):
+    for line in reason_lines(stats) + data_notes(stats) + refusal_examples(stats):
         console.print(line, markup=False)
 
 

@@ -172,8 +172,6 @@ def examples(source: str, messages: list[dict], tools, trained: list[int], *, pe
     one per trained turn. Generation markers give the spans; unless trusted (our shipped templates,
     checked by the test suite), the text before each marked turn must still be the generation prompt.
     Raises TurnError when the template can't be trusted on the row."""
-    if isinstance(tools, str):
-        tools = json.loads(tools)
     split = len(trained) > 1
     if has_markers(source):
         if not per_turn or not split:
@@ -310,8 +308,6 @@ def continuation(source: str, messages: list[dict], tools, i: int, **kwargs) -> 
     """What the template prints right after assistant turn i: from the next message when there is one,
     else from a stand-in reply (a tool result after calls, a user turn otherwise). Templates without an
     end-of-turn token (GLM-4) stop generation at the next role token, which this finds."""
-    if isinstance(tools, str):
-        tools = json.loads(tools)
     upto = render(source, messages[: i + 1], tools, **kwargs).rstrip()
     nxt = messages[i + 1] if i + 1 < len(messages) else {
         "role": "tool" if messages[i].get("tool_calls") else "user", "content": "\u27e6next\u27e7"}
