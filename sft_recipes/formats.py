@@ -6,13 +6,16 @@ tool calls, the results that answer them) is read by `messages`; this module fin
 columns and the turns. Tool calls, `tools` and per-row `chat_template_kwargs` are stored as JSON
 text: their arguments and schemas are arbitrary JSON, which Arrow cannot hold as typed columns.
 
-Errors (RecipeError) are data that cannot mean what the user intended: a missing column or field,
-a wrong type, an unknown role, a non-text part, a fractional loss weight, invalid tools or tool
-calls, reasoning that is unclosed, duplicated or on a non-assistant message, no records. Drops (the
-row's `drop` reason; the caller counts and removes them) are well-formed rows with nothing to learn
-or a call the row's own tools do not define: `empty_response`, `empty_content`, `no_assistant_turn`,
-`empty_text`, `unknown_tool`. Blank system prompts are simply left out. Fields the data layer does
-not use are listed per row in `unused` and reported by name and count, never dropped silently.
+A row whose structure cannot mean what the user intended (a missing or mistyped field, an unknown
+role, a non-text part, a fractional loss weight, invalid tools or tool calls, a tool result with no
+call, reasoning that is unclosed, duplicated or on a non-assistant message) is dropped as `malformed`,
+its error (record, field, problem, what to do) kept in `detail`; one odd row never sinks a file, and
+`strict` makes the first the error. Other drops (the row's `drop` reason; the caller counts and removes
+them) are well-formed rows with nothing to learn or a call the row's own tools do not define:
+`empty_response`, `empty_content`, `no_assistant_turn`, `empty_text`, `unknown_tool`. What concerns the
+whole file (unknown format, missing columns, no records) stays a RecipeError. Blank system prompts are
+simply left out. Fields the data layer does not use are listed per row in `unused` and reported by name
+and count, never dropped silently.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import json
 
 from datasets import Dataset, Features, List, Value
 
-from .errors import Where, data_error, kind_of
-from .messages import (CALL_ROLES, REASONING_KEYS, calls_of, kwargs_of, link_tool_results, reasoning_of,
+from .errors import RecipeError, Where, data_error, kind_of
+from .messages import (CALL_ROLES, REASONING_KEYS, call_of, calls_of, kwargs_of, link_tool_results, reasoning_of,
                        split_reasoning, tools_of)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -35,6 +38,7 @@ CANONICAL_FEATURES = Features({
     "chat_template_kwargs": Value("string"),
     "text": Value("string"),
     "drop": Value("string"),
+    "detail": Value("string"),
     "unused": List(Value("string")),
 })
 
@@ -57,7 +61,7 @@ _MESSAGE_KEYS = {
     "prompt_completion": {"role": ("role", "from"), "content": ("content", "value")},
 }
 # Message keys read besides role and content; any other key is reported as unused.
-_READ = {"train", "weight", "tool_calls", "function_call", "name", "tool_call_id", *REASONING_KEYS}
+_READ = {"train", "weight", "loss_weight", "tool_calls", "function_call", "name", "tool_call_id", *REASONING_KEYS}
 
 _DEFAULT_ROLES = {
     "system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
@@ -173,13 +177,20 @@ def _convert_batch(batch, indices, *, fmt, source, names, keys, roles, unused):
         at = Where(source, record, names)
         row = {field: batch[col][j] for field, col in names.items()}
         seen = [c for c in unused if batch[c][j] is not None]
-        messages, text = convert_row(row, at, keys, roles, seen)
-        tools = tools_of(row.get("tools"), at) if fmt != "text" else None
+        try:
+            messages, text = convert_row(row, at, keys, roles, seen)
+            tools = tools_of(row.get("tools"), at) if fmt != "text" else None
+            kwargs = kwargs_of(row.get("chat_template_kwargs"), at)
+            drop, detail = _drop_reason(messages, text, tools), None
+        except RecipeError as e:  # one odd row is dropped with its reason, never the whole file
+            messages, text, tools, kwargs, seen = [], None, None, None, []
+            drop, detail = "malformed", str(e).removeprefix(f"{source}, ")
         out["messages"].append(messages)
         out["tools"].append(tools and json.dumps(tools, ensure_ascii=False))
-        out["chat_template_kwargs"].append(kwargs_of(row.get("chat_template_kwargs"), at))
+        out["chat_template_kwargs"].append(kwargs)
         out["text"].append(text)
-        out["drop"].append(_drop_reason(messages, text, tools))
+        out["drop"].append(drop)
+        out["detail"].append(detail)
         out["unused"].append(list(dict.fromkeys(seen)))
     return out
 
@@ -240,12 +251,12 @@ def _sharegpt(row, at, keys, roles, unused):
     messages = []
     _add(messages, "system", _string(row, "system", at, required=False))
     messages += _chat(_required(row, "conversations", at), at, at.field("conversations"),
-                      keys, roles, unused)
+                      keys, roles, unused, row)
     return link_tool_results(messages, at, at.field("conversations")), None
 
 
 def _messages(row, at, keys, roles, unused):
-    messages = _chat(_required(row, "messages", at), at, at.field("messages"), keys, roles, unused)
+    messages = _chat(_required(row, "messages", at), at, at.field("messages"), keys, roles, unused, row)
     return link_tool_results(messages, at, at.field("messages")), None
 
 
@@ -314,11 +325,12 @@ def _side(row, field, role, at, keys, roles, unused):
          else _add(messages, role, value))
         return messages
     if isinstance(value, list):
-        return _chat(value, at, at.field(field), keys, roles, unused)
+        return _chat(value, at, at.field(field), keys, roles, unused, row)
     raise at.error(f"expected a string or a list of messages, got {kind_of(value)}", at.field(field))
 
 
-def _chat(turns, at, field, keys, roles, unused):
+def _chat(turns, at, field, keys, roles, unused, row):
+    """The messages of a chat list; `tools` found in content parts (LLaMA-Factory) go to `row`."""
     if not isinstance(turns, list):
         raise at.error(f"expected a list of messages, got {kind_of(turns)}", field)
     messages = []
@@ -330,15 +342,18 @@ def _chat(turns, at, field, keys, roles, unused):
         unused += [f"{field}[].{key}" for key, v in turn.items() if key not in known and v is not None]
         source_role, role = _role(turn, at, path, keys["role"], roles)
         content_key, content = _first(turn, keys["content"])
-        text = _text_of(content, at, f"{path}.{content_key}") if content is not None else None
-        calls = calls_of(turn, source_role, text, at, path)
+        parts = _parts(content, at, f"{path}.{content_key}") if content is not None else {}
+        text = parts.get("text") if content is not None else None
+        calls = calls_of(turn, source_role, text, at, path) or parts.get("tool_call")
+        if "tools" in parts:
+            _part_tools(row, parts["tools"], at, f"{path}.{content_key}")
         if source_role.lower() in CALL_ROLES:
             text = ""
         if text is None and not calls:
             raise at.error("missing content", f"{path}.{content_key}",
                            hint="If your messages keep it under another key, map it with "
                                 "`columns: {content: your_key}`")
-        reasoning = reasoning_of(turn, at, path)
+        reasoning = _reasoning(turn, parts, at, path)
         if role != "assistant":
             if calls or reasoning is not None:
                 what = "tool calls" if calls else "reasoning"
@@ -379,23 +394,60 @@ def _role(turn, at, path, keys, roles):
     return value, role
 
 
-def _text_of(value, at, field):
+def _parts(value, at, field) -> dict:
+    """A message's content: a string, or a list of parts read by type: `text` (OpenAI's `text` or
+    LLaMA-Factory's `value`), and LLaMA-Factory's `reasoning`, `tool_call` (a call as JSON) and `tools`
+    parts. Returns {"text": the text parts back to back, as chat templates render them, and any
+    "reasoning", "tool_call" (canonical calls) or "tools" (the schemas' JSON) found}."""
     if isinstance(value, str):
-        return value
+        return {"text": value}
     if not isinstance(value, list):
         raise at.error(f"expected a string or a list of text parts, got {kind_of(value)}", field)
-    texts = []
+    found = {"text": ""}
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind is not None:
+        if kind is None:
+            raise at.error('expected a content part {"type": "text", "text": ...}', f"{field}[{i}]")
+        body = part.get("text", part.get("value"))
+        if kind not in _PARTS:
             raise at.error(f"content part of type '{kind}' is not supported", f"{field}[{i}]",
-                           hint="Only text parts can be trained on; remove the part")
-        else:
-            raise at.error("expected a text part {\"type\": \"text\", \"text\": ...}",
+                           hint=f"Parts of type {', '.join(_PARTS)} can be trained on; remove the part")
+        if not isinstance(body, str):
+            raise at.error(f"a '{kind}' part without its text (expected a string under \"text\" or \"value\")",
                            f"{field}[{i}]")
-    return "".join(texts)  # what chat templates render: parts back to back
+        if kind == "tool_call":
+            found.setdefault("tool_call", []).append(_call_part(body, at, f"{field}[{i}].value"))
+        elif kind == "text":
+            found["text"] += body
+        else:
+            found[kind] = found.get(kind, "") + body
+    return found
+
+
+_PARTS = ("text", "reasoning", "tool_call", "tools")
+
+
+def _call_part(body, at, field):
+    try:
+        call = json.loads(body)
+    except ValueError as e:
+        raise at.error(f"a tool_call part must hold the call as JSON ({e})", field) from None
+    return call_of(call, at, field)
+
+
+def _reasoning(turn, parts, at, path):
+    """A message's reasoning field, or its reasoning parts; both must agree."""
+    field, part = reasoning_of(turn, at, path), parts.get("reasoning")
+    if field is not None and part is not None and field.strip() != part.strip():
+        raise at.error("different reasoning in a field and in a reasoning part", path, hint="Keep one of them")
+    return field if field is not None else part
+
+
+def _part_tools(row, tools, at, field):
+    if row.get("tools") not in (None, "", []):
+        raise at.error("tools are given both in the row's `tools` and in a content part", field,
+                       hint="Keep one of them")
+    row["tools"] = tools
 
 
 def _optional_string(turn, key, at, path):
@@ -406,7 +458,9 @@ def _optional_string(turn, key, at, path):
 
 
 def _train(turn, at, path):
-    train, weight = turn.get("train"), turn.get("weight")
+    train = turn.get("train")
+    key = "weight" if turn.get("weight") is not None else "loss_weight"  # LLaMA-Factory's name
+    weight = turn.get(key)
     if train is not None:
         if not isinstance(train, bool):
             raise at.error(f"expected true or false, got {kind_of(train)}", f"{path}.train")
@@ -414,7 +468,7 @@ def _train(turn, at, path):
     if weight is None:
         return None
     if not isinstance(weight, (int, float)) or weight not in (0, 1):
-        raise at.error(f"loss weight {weight!r} is not supported", f"{path}.weight",
+        raise at.error(f"loss weight {weight!r} is not supported", f"{path}.{key}",
                        hint="Fractional loss weights are not supported: use 0 (don't train this "
                             "message) or 1 (train it)")
     return bool(weight)

@@ -173,11 +173,17 @@ def read_file(path: str, format: str | None = None, columns: dict | None = None,
     if not files:
         raise RecipeError(f"{path}: file not found")
     raw = sources._load_local(files, spec)
+    if isinstance(raw, list):  # valid JSON whose columns Arrow cannot type
+        raise RecipeError(f"{path}: could not load its fields as columns; check with `sft-recipes data {path}`")
     if len(raw) == 0:
         raise RecipeError(f"{path}: no records")
     ds = _with_blank_answers(raw, columns)
     fmt = spec.format if spec.format != "auto" else formats.detect_format(ds.column_names, path, columns=columns)
-    return raw, formats.convert(ds, fmt, source=path, columns=columns, roles=roles)
+    rows = formats.convert(ds, fmt, source=path, columns=columns, roles=roles)
+    bad = next((d for d, r in zip(rows["detail"], rows["drop"]) if r == "malformed"), None)
+    if bad is not None:  # every row gets an answer line, so a row that cannot be read stops the file
+        raise RecipeError(f"{path}, {bad}")
+    return raw, rows
 
 
 def _with_blank_answers(ds, columns: dict | None = None):
@@ -266,7 +272,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
-                                                       "checkpoint-* folder in it, or a merged model")
+                                                       "checkpoint-* folder in it, a merged model, or a .gguf file")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the instruction")
     what.add_argument("--file", help="a .json/.jsonl/.csv/.parquet file of rows in any supported format")

@@ -99,10 +99,11 @@ def calls_of(turn, source_role, text, at, path):
         calls, field = [turn["function_call"]], f"{path}.function_call"
     else:
         return None
-    return [_call(c, at, f"{field}[{i}]") for i, c in enumerate(calls)] or None
+    return [call_of(c, at, f"{field}[{i}]") for i, c in enumerate(calls)] or None
 
 
-def _call(call, at, field):
+def call_of(call, at, field):
+    """One tool call in the canonical shape (OpenAI's object, or a bare `{name, arguments}`)."""
     if not isinstance(call, dict):
         raise at.error(f"expected a tool call object, got {kind_of(call)}", field)
     if call.get("type", "function") != "function":
@@ -201,7 +202,7 @@ def read_tools(value, source: str) -> list | None:
 def read_call(value, source: str) -> dict:
     """One tool call in the canonical shape, from OpenAI's object or a bare `{"name", "arguments"}` one
     (`parameters` for Llama; arguments as an object or JSON text of one); RecipeError when it is none."""
-    return _call(value, Where(source, None, {}), "tool_call")
+    return call_of(value, Where(source, None, {}), "tool_call")
 
 
 # ---------------------------------------------------------------- chat_template_kwargs

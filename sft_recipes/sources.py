@@ -99,9 +99,26 @@ class DatasetSpec:
 
 # ---------------------------------------------------------------- public entry points
 
+class Drops(collections.Counter):
+    """Unusable rows by reason, and the first few of each named by file and record (`examples`)."""
+
+    KEEP = 3
+
+    def __init__(self, counts=(), examples: dict | None = None):
+        super().__init__(counts)
+        self.examples = examples or {}
+
+    def add(self, other: "Drops") -> "Drops":
+        self.update(other)
+        for reason, found in getattr(other, "examples", {}).items():
+            mine = self.examples.setdefault(reason, [])
+            mine += found[:self.KEEP - len(mine)]
+        return self
+
+
 class Mixture(NamedTuple):
     rows: Dataset                 # every source's rows at most once, concatenated and shuffled
-    drops: collections.Counter    # unusable rows by reason
+    drops: Drops                  # unusable rows by reason
     repeats: dict                 # source -> its row count, for weights above the rows it has
 
 
@@ -112,10 +129,10 @@ def load_mixture(specs, *, seed: int = 42, num_proc: int | None = None, strict: 
              for i, s in enumerate(specs)]
     if not specs:
         raise RecipeError("no datasets given")
-    parts, drops, repeats = [], collections.Counter(), {}
+    parts, drops, repeats = [], Drops(), {}
     for spec, label in zip(specs, _labels(specs)):
         ds, _, dropped = _prepare(spec, num_proc=num_proc, strict=strict, label=label)
-        drops.update(dropped)
+        drops.add(dropped)
         ds, count = _subsample(ds, spec.weight, seed)
         if count > len(ds):
             repeats[label] = count
@@ -124,7 +141,7 @@ def load_mixture(specs, *, seed: int = 42, num_proc: int | None = None, strict: 
 
 
 def load_conversations(specs, *, seed: int = 42, num_proc: int | None = None,
-                       strict: bool = False) -> tuple[Dataset, collections.Counter]:
+                       strict: bool = False) -> tuple[Dataset, Drops]:
     """Load, convert, drop unusable rows, weight, concatenate and shuffle; drops by reason."""
     rows, drops, repeats = load_mixture(specs, seed=seed, num_proc=num_proc, strict=strict)
     return repeat(rows, repeats, seed), drops
@@ -193,20 +210,29 @@ def _tag(rows: Dataset, label: str) -> Dataset:
 
 
 def _remove_drops(rows: Dataset, where, *, num_proc, strict):
+    """(rows without drops, Drops). Malformed rows carry their own error; `strict` raises the first."""
     reasons = rows.data.column("drop").to_pylist()
-    drops = collections.Counter(r for r in reasons if r is not None)
+    drops = Drops(r for r in reasons if r is not None)
     if drops:
-        first = next(i for i, r in enumerate(reasons) if r is not None)
+        details, records = rows.data.column("detail").to_pylist(), rows.data.column("record").to_pylist()
+        for reason, detail, record in zip(reasons, details, records):
+            if reason is not None and len(drops.examples.setdefault(reason, [])) < Drops.KEEP:
+                drops.examples[reason].append(f"{where}, " + (detail or f"record {record}"))
         summary = ", ".join(f"{n} {r}" for r, n in drops.most_common())
+        if strict and "malformed" in drops:
+            raise RecipeError(drops.examples["malformed"][0])
         if strict:
+            first = next(i for i, r in enumerate(reasons) if r is not None)
             raise data_error(where, f"{drops.total()} of {len(rows)} records are unusable "
-                             f"({summary}; first: record {first})",
+                             f"({summary}; first: record {records[first]})",
                              hint="Fix them, or turn `strict` off to drop them instead")
         if drops.total() == len(rows):
-            raise data_error(where, f"all {len(rows)} records are unusable ({summary})",
+            reason = drops.most_common(1)[0][0]
+            raise data_error(where, f"all {len(rows)} records are unusable ({summary}; first {reason}: "
+                             f"{drops.examples[reason][0].removeprefix(f'{where}, ')})",
                              hint="Nothing is left to train on")
         rows = rows.filter(_keep, input_columns="drop", batched=True, num_proc=num_proc)
-    return rows.remove_columns("drop"), drops
+    return rows.remove_columns(["drop", "detail"]), drops
 
 
 def _keep(drop):
@@ -280,7 +306,7 @@ def _looks_like_path(path: str) -> bool:
 
 def _load(spec, files) -> Dataset | list[dict]:
     raw = _load_local(files, spec) if files else _load_hub(spec)
-    if files and spec.split == "train" and _uses_json_type(raw.features):
+    if files and spec.split == "train" and isinstance(raw, Dataset) and _uses_json_type(raw.features):
         # datasets stores mixed-type fields as Json, which turns strings that look like JSON
         # ("42", '{"temp": 20}') into numbers and objects: read such files ourselves.
         raw = [record for file in files for record in _read_json_records(file)]
@@ -289,17 +315,16 @@ def _load(spec, files) -> Dataset | list[dict]:
     return raw
 
 
-def _load_local(files, spec) -> Dataset:
+def _load_local(files, spec) -> Dataset | list[dict]:
     builder = _BUILDERS[Path(files[0]).suffix.lower()]
     options = _csv_options(files[0]) if builder == "csv" else {}
     try:
         return load_dataset(builder, data_files=files, split=spec.split, **options)
     except Exception as e:  # whatever `datasets` says, the user's file is the likely cause
-        for file in files:  # explain it precisely when we can
-            if builder == "json":
-                _read_json_records(file)
-            else:
-                _check_utf8(file)
+        for file in files:  # explained at its line when it is not JSON or not UTF-8
+            _read_json_records(file) if builder == "json" else _check_utf8(file)
+        if builder == "json" and spec.split == "train":  # valid JSON that Arrow can't type: judge row by row
+            return [record for file in files for record in _read_json_records(file)]
         cause = e.__cause__ or e
         raise data_error(spec.path, f"could not load: {cause}") from None
 
@@ -456,7 +481,8 @@ def _describe(ds, fmt, drops, *, detected: bool, header):
         print(f"== {header}")
     print(f"format:  {fmt}" + (" (detected)" if detected else ""))
     print(f"kept:    {len(ds)} rows")
-    print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" for r, n in drops.most_common()))
+    print(f"dropped: {drops.total()}" + "".join(f"\n  {r}: {n}" + "".join(f"\n    {ex}" for ex in drops.examples.get(r, []))
+                                               for r, n in drops.most_common()))
     roles = _role_counts(ds)
     if roles:
         print("roles:   " + ", ".join(f"{r} {n}" for r, n in roles.most_common()))

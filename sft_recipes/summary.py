@@ -73,7 +73,7 @@ def cleaned(st: dict) -> str:
 
 def refusal_examples(stats: dict) -> list[str]:
     return [f"  {split} {reason}: {ex}" for split, st in stats.items() if st
-            for key in ("cleaning_examples", "examples_refused")
+            for key in ("drop_examples", "cleaning_examples", "examples_refused")
             for reason, exs in st.get(key, {}).items() for ex in exs[:2]]
 
 

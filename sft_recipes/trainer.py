@@ -54,7 +54,7 @@ def masked_datasets(recipe: Recipe, tokenizer):
     with PartialState().main_process_first():  # rank 0 fills the datasets cache, the others read it
         train, drops, repeats = sources.load_mixture(d.datasets, seed=s.seed, num_proc=s.dataset_num_proc,
                                                      strict=d.strict)
-        evals, eval_drops = None, Counter()
+        evals, eval_drops = None, sources.Drops()
         if d.eval_datasets:
             evals, eval_drops = sources.load_conversations(d.eval_datasets, seed=s.seed,
                                                            num_proc=s.dataset_num_proc, strict=d.strict)
@@ -86,7 +86,7 @@ def masked_datasets(recipe: Recipe, tokenizer):
     return train, evals, stats
 
 
-def _stats(ds, drops: Counter, cleaned: cleaning.Cleaned | None = None) -> dict:
+def _stats(ds, drops: sources.Drops, cleaned: cleaning.Cleaned | None = None) -> dict:
     cols = ["drop", "detail", "n_tokens", "n_trained", "truncated", "row", "split", "reasoning_trained",
             "reasoning_unprinted", "notes", "unused", "source", "record"]
     c = ds.select_columns([k for k in cols if k in ds.column_names]).to_dict()  # one read
@@ -108,7 +108,8 @@ def _stats(ds, drops: Counter, cleaned: cleaning.Cleaned | None = None) -> dict:
     for row, names in zip(c["row"], c.get("unused") or [[]] * len(c["row"])):
         first.setdefault(row, names or [])
     cleaned = cleaned or cleaning.Cleaned()
-    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops), "cleaned": cleaned.counts,
+    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops),
+            "drop_examples": getattr(drops, "examples", {}), "cleaned": cleaned.counts,
             "cleaning_examples": cleaned.examples, "refused": dict(refused.most_common()),
             "examples_refused": examples, "truncated": sum(c["truncated"]), "tokens": n_tokens,
             "trained_tokens": n_trained, "trained_fraction": n_trained / max(n_tokens, 1),

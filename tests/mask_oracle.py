@@ -213,7 +213,7 @@ def dataset(rows):
     from datasets import Dataset
     from sft_recipes.formats import CANONICAL_FEATURES
     features = CANONICAL_FEATURES.copy()
-    del features["drop"]
+    del features["drop"], features["detail"]
     return Dataset.from_list(rows, features=features)
 
 

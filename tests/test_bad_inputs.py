@@ -1,8 +1,11 @@
 """The data checker on bad files: exit code 2, one line naming file, record/line and field, no traceback.
 
-Every case runs the checker's `main()` in this process and as the real command
-(`python -m sft_recipes.sources ...`) in a subprocess.
+A file that cannot be read, or whose every record is unusable, is the error. A malformed record among good
+ones is dropped with that same line as its reason (ROW_CASES); `--strict` makes it the error. Every case
+runs the checker's `main()` in this process and as the real command (`python -m sft_recipes.sources ...`)
+in a subprocess.
 """
+import json
 import os
 import subprocess
 import sys
@@ -20,15 +23,15 @@ ROOT = HERE.parent
 CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must contain)
     ("malformed.json", [], ["line 3", "invalid JSON", "Expecting ',' delimiter"]),
     ("malformed_line3.jsonl", [], ["record 2 (line 3)", "invalid JSON"]),
-    ("missing_output.json", [], ["record 1", "field 'output'", "missing required field"]),
-    ("output_not_string.json", [], ["record 2", "field 'output'", "expected a string, got a number (42)"]),
-    ("unknown_role.json", [], ["record 1", "field 'conversations[1].from'", "unknown role 'bot'",
+    ("missing_output.json", ["--strict"], ["record 1", "field 'output'", "missing required field"]),
+    ("output_not_string.json", ["--strict"], ["record 2", "field 'output'", "expected a string, got a number (42)"]),
+    ("unknown_role.json", ["--strict"], ["record 1", "field 'conversations[1].from'", "unknown role 'bot'",
                                "Known roles:", "roles:"]),
     ("no_assistant.json", [], ["all 2 records are unusable", "no_assistant_turn"]),
     ("empty_assistant_strict.json", ["--strict"], ["1 of 3 records are unusable", "empty_response",
                                                    "record 1", "turn `strict` off"]),
     ("content_not_string.json", [], ["record 0", "field 'messages[1].content'", "got a number"]),
-    ("messages_not_list.json", [], ["record 1", "field 'messages'", "expected a list of messages"]),
+    ("messages_not_list.json", ["--strict"], ["record 1", "field 'messages'", "expected a list of messages"]),
     ("ambiguous.json", [], ["several formats", "alpaca", "instruction", "format:"]),
     ("no_known_columns.json", [], ["no known data format", "question, answer", "columns:"]),
     ("single_object.json", [], ["no known data format", "[data]"]),
@@ -41,13 +44,13 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
     ("image_part.json", [], ["record 0", "field 'messages[0].content[1]'", "'image_url'"]),
     ("history_not_pairs.json", [], ["record 0", "field 'history[0]'", "pair"]),
     ("tools_invalid.json", [], ["record 0", "field 'tools'", "not valid JSON"]),
-    ("text_not_string.jsonl", [], ["record 1", "field 'text'", "expected a string, got a list"]),
+    ("text_not_string.jsonl", ["--strict"], ["record 1", "field 'text'", "expected a string, got a list"]),
     ("notes.txt", [], ["unsupported file type '.txt'"]),
-    ("think_unclosed.jsonl", [], ["record 1", "field 'messages[1].content'", "<think> is never closed"]),
+    ("think_unclosed.jsonl", ["--strict"], ["record 1", "field 'messages[1].content'", "<think> is never closed"]),
     ("reasoning_twice.jsonl", [], ["record 0", "field 'messages[1].content'", "both in a field and inside"]),
-    ("reasoning_on_user.jsonl", [], ["record 2", "field 'messages[0]'", "reasoning on a user message"]),
+    ("reasoning_on_user.jsonl", ["--strict"], ["record 2", "field 'messages[0]'", "reasoning on a user message"]),
     ("tool_call_no_name.jsonl", [], ["record 0", "field 'messages[1].tool_calls[0]'", "without a function name"]),
-    ("tool_result_without_call.jsonl", [], ["record 1", "field 'messages[1]'", "no tool call before it"]),
+    ("tool_result_without_call.jsonl", ["--strict"], ["record 1", "field 'messages[1]'", "no tool call before it"]),
     ("tools_not_list.json", [], ["record 0", "field 'tools'", "list of function schemas", "Wrap"]),
     ("unknown_tool_strict.jsonl", ["--strict"], ["1 of 2 records are unusable", "unknown_tool", "record 0"]),
     ("missing.json", [], ["file not found"]),  # does not exist, on purpose
@@ -56,6 +59,9 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
     ("ambiguous.json", ["--format", "alpacca"], ["unknown format 'alpacca'", "Did you mean 'alpaca'"]),
 ]
 COMMAND_CASES = CASES  # every case also runs as the real command (the package imports lazily)
+# The cases whose one malformed record sits among good ones: without --strict it is dropped, the rest kept.
+ROW_CASES = [(file, fragments) for file, args, fragments in CASES if args == ["--strict"]
+             and file not in ("empty_assistant_strict.json", "unknown_tool_strict.jsonl")]
 
 
 def case_id(case):
@@ -102,6 +108,18 @@ def test_command_reports_bad_input(case, command_results):
     check(proc.returncode, proc.stderr, file, fragments)
 
 
+@pytest.mark.parametrize("file, fragments", ROW_CASES, ids=[c[0] for c in ROW_CASES])
+def test_one_malformed_record_is_dropped_with_its_reason(file, fragments, capsys):
+    """The rest of the file is kept; the report names the dropped record, its field and what is wrong."""
+    main([str(BAD / file)])
+    out = capsys.readouterr().out
+    total = len(json.loads((BAD / file).read_text())) if file.endswith(".json") else \
+        len((BAD / file).read_text().splitlines())
+    assert f"kept:    {total - 1} rows" in out and "dropped: 1\n  malformed: 1\n" in out, out
+    reason = next(line for line in out.splitlines() if line.startswith("    ") and file in line)
+    assert all(f in reason for f in fragments), reason
+
+
 def test_every_bad_file_has_a_case():
     assert {p.name for p in BAD.iterdir()} == {c[0] for c in CASES} - {"missing.json"}
 
@@ -117,14 +135,14 @@ def test_checker_report_on_good_data(tmp_path, capsys):
         assert line in out, out
 
 
-@pytest.mark.parametrize("file, hint, option", [
-    ("no_known_columns.json", "columns:", ["--columns", "{instruction: question, output: answer}"]),
-    ("unknown_role.json", "roles:", ["--roles", "{bot: assistant}"]),
+@pytest.mark.parametrize("file, args, hint, option", [
+    ("no_known_columns.json", [], "columns:", ["--columns", "{instruction: question, output: answer}"]),
+    ("unknown_role.json", ["--strict"], "roles:", ["--roles", "{bot: assistant}"]),
 ])
-def test_the_checker_has_the_options_its_hints_name(file, hint, option, command_results):
+def test_the_checker_has_the_options_its_hints_name(file, args, hint, option, command_results):
     """The hint names `columns:` / `roles:`; the checker takes --columns / --roles (YAML or JSON), and with the
     mapping the same file checks clean."""
-    assert hint in command_results[case_id((file, [], None))].stderr
+    assert hint in command_results[case_id((file, args, None))].stderr
     proc = subprocess.run([sys.executable, "-m", "sft_recipes.sources", f"tests/bad_inputs/{file}", *option],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""Every supported format becomes the same conversation rows; bad rows fail loudly, empty ones drop."""
+"""Every supported format becomes the same conversation rows; bad rows drop with their error, empty ones with a reason."""
 import json
 
 import pyarrow as pa
@@ -55,7 +55,8 @@ def test_alpaca_with_system_history_and_input():
                                 msg("assistant", "Hello!"),
                                 msg("user", "Translate.\n\nchat", input="chat"),
                                 msg("assistant", "cat")],
-                   "tools": None, "chat_template_kwargs": None, "text": None, "drop": None, "unused": []}
+                   "tools": None, "chat_template_kwargs": None, "text": None, "drop": None, "detail": None,
+                   "unused": []}
 
 
 @pytest.mark.parametrize("blank", ["", "  \n", None])
@@ -202,7 +203,7 @@ def test_prompt_completion_strings_and_lists():
 def test_text():
     assert only([{"text": "Once upon a time."}], "text") == {
         "messages": [], "tools": None, "chat_template_kwargs": None, "text": "Once upon a time.", "drop": None,
-        "unused": []}
+        "detail": None, "unused": []}
 
 
 def test_every_format_concatenates():
@@ -215,6 +216,40 @@ def test_every_format_concatenates():
     ]]
     assert all(p.features == CANONICAL_FEATURES for p in parts)
     assert len(concatenate_datasets(parts)) == 5
+
+
+def LF(role, *parts, weight=None):
+    """A message in LLaMA-Factory's messages format: typed content parts holding their `value`."""
+    out = {"role": role, "content": [{"type": kind, "value": value} for kind, value in parts]}
+    return {**out, "loss_weight": weight} if weight is not None else out
+
+
+def test_llama_factory_messages_with_parts_and_loss_weights():
+    tools = [{"type": "function", "function": {"name": "multiply", "parameters": {"type": "object"}}}]
+    row = only([{"messages": [
+        LF("system", ("text", "Be exact."), ("tools", json.dumps(tools)), weight=0.0),
+        LF("user", ("text", "6*8?"), weight=0.0),
+        LF("assistant", ("reasoning", "Multiply."), ("tool_call", json.dumps({"name": "multiply", "arguments":
+                                                                               {"a": 6, "b": 8}})), weight=0.0),
+        LF("tool", ("text", "48")),
+        LF("assistant", ("text", "It is "), ("text", "48."), weight=1.0)]}], "messages")
+    assert row["messages"] == [
+        msg("system", "Be exact.", train=False), msg("user", "6*8?", train=False),
+        msg("assistant", "", train=False, reasoning="Multiply.", calls=[call("multiply", {"a": 6, "b": 8})]),
+        msg("tool", "48", name="multiply"), msg("assistant", "It is 48.", train=True)]
+    assert json.loads(row["tools"]) == tools and row["drop"] is None and row["unused"] == []
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ([{"type": "text"}], ["content[0]", "'text' part without its text"]),
+    ([{"type": "image_url", "value": "cat.png"}], ["content[0]", "type 'image_url' is not supported",
+                                                  "text, reasoning, tool_call, tools"]),
+    ([{"type": "tool_call", "value": "{oops"}], ["content[0].value", "must hold the call as JSON"]),
+])
+def test_llama_factory_parts_that_cannot_be_read(content, fragments):
+    (error,) = malformed([{"messages": [{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": content}]}], "messages")
+    assert_mentions(error, "record 0", "messages[1]", *fragments)
 
 
 # ---------------------------------------------------------------- mapping options
@@ -239,12 +274,15 @@ def test_role_mapping_merges_over_defaults():
     assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
 
 
+def malformed(records, fmt, **options) -> list:
+    """Each row's error, for rows dropped as malformed (None for the others)."""
+    return [row["detail"] if row["drop"] == "malformed" else None for row in rows_of(records, fmt, **options)]
+
+
 def test_unknown_role_names_it_and_the_option():
-    with pytest.raises(RecipeError) as e:
-        rows_of([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hey"}]}],
-                "sharegpt")
-    assert_mentions(e.value, "data.json", "record 0", "conversations[1].from", "unknown role 'bot'",
-                    "gpt", "roles:")
+    (error,) = malformed([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hey"}]}],
+                         "sharegpt")
+    assert_mentions(error, "record 0", "conversations[1].from", "unknown role 'bot'", "gpt", "roles:")
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -357,17 +395,16 @@ def CALL(fn, id=None):
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "call f"}]},
      "sharegpt", ["conversations[1].value", "must hold the call as JSON"]),
 ])
-def test_bad_values_are_errors(record, fmt, fragments):
-    for data in as_inputs([record]):
-        with pytest.raises(RecipeError) as e:
-            convert(data, fmt, source="data.json")
-        assert_mentions(e.value, "data.json, record 0", *fragments)
+def test_bad_values_drop_the_row_with_its_error(record, fmt, fragments):
+    (row,) = rows_of([record], fmt)
+    assert (row["drop"], row["messages"], row["text"]) == ("malformed", [], None)
+    assert_mentions(row["detail"], "record 0", *fragments)
 
 
-def test_error_names_the_record_index():
+def test_one_bad_row_among_good_ones_drops_alone():
     records = [{"instruction": "a", "output": "b"}] * 5 + [{"instruction": "a", "output": None}]
-    with pytest.raises(RecipeError, match="record 5, field 'output'"):
-        rows_of(records, "alpaca")
+    assert malformed(records, "alpaca") == [None] * 5 + [
+        "record 5, field 'output': missing required field. Every record needs it; fix or remove the record"]
 
 
 def test_empty_dataset_is_an_error():

@@ -162,7 +162,10 @@ def test_file_mode_reads_chat_formats(tiny_trained, loaded, tmp_path):
 
 
 def test_user_mistakes_are_one_line(tiny_trained, tmp_path, capsys):
+    bad = tmp_path / "bad_row.jsonl"  # every input row gets an output row, so one that cannot be read stops
+    bad.write_text('{"instruction": "Say hi."}\n{"instruction": ["Say", "bye."]}\n')
     for argv, fragment in ((["--prompt", " "], "--prompt is empty"),
+                           (["--file", str(bad)], "record 1, field 'instruction': expected a string"),
                            (["--file", str(tmp_path / "missing.jsonl")], "file not found"),
                            (["--prompt", "x", "--temperature", "-1"], "temperature"),
                            (["--prompt", "x", "--max_new_tokens", "600"], "context")):

@@ -1,5 +1,6 @@
 """Loading from files, folders, globs and the Hub; mixing by weight; the datasets cache."""
 import collections
+import os
 import json
 import time
 
@@ -198,3 +199,79 @@ def test_second_load_reuses_the_cache(tmp_path):
     print(f"load_conversations: first {t1 - t0:.3f}s, second {t2 - t1:.3f}s, "
           f"ratio {(t1 - t0) / (t2 - t1):.1f}x")
     assert first.cache_files and second.cache_files == first.cache_files
+
+
+# ---------------------------------------------------------------- one odd row never sinks a file
+
+def glaive_with_calls_as_text(tmp_path, records=(197, 293)):
+    """glaive_toolcall_en_demo with the call of `records` written as text inside the gpt turn, so the
+    observation after it answers no call (as LLaMA-Factory's glaive_toolcall_zh_demo does in 2 rows)."""
+    rows = json.loads(shared_file("glaive_toolcall_en_demo.json").read_text())
+    fields = {}
+    for i in records:
+        turns = rows[i]["conversations"]
+        k = next(j for j, t in enumerate(turns) if t["from"] == "function_call")
+        turns[k] = {"from": "gpt", "value": "Let me call it: " + turns[k]["value"]}
+        fields[i] = f"conversations[{k + 1}]"
+    path = tmp_path / "glaive_zh_like.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False))
+    return path, fields
+
+
+def test_a_tool_result_without_its_call_drops_that_row_only(tmp_path):
+    path, fields = glaive_with_calls_as_text(tmp_path)
+    ds, drops = load(path)
+    assert (len(ds), dict(drops)) == (298, {"malformed": 2})
+    assert sorted(set(ds["record"])) == [r for r in range(300) if r not in fields]
+    assert drops.examples["malformed"] == [
+        f"{path}, record {r}, field '{f}': a tool result with no tool call before it. Each tool (observation) "
+        "message must follow the assistant call it answers" for r, f in fields.items()]
+    with pytest.raises(RecipeError) as e:  # strict: the first is the one-line error it used to be
+        load_conversations([DatasetSpec(str(path))], strict=True)
+    assert str(e.value) == drops.examples["malformed"][0]
+
+
+def test_every_record_malformed_is_one_error_naming_the_first(tmp_path):
+    path = write_jsonl(tmp_path / "bot.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                                   {"from": "bot", "value": f"Hi {i}"}]}
+                                                for i in range(4)])
+    with pytest.raises(RecipeError) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path}: all 4 records are unusable (4 malformed; first malformed: record 0, "
+                                   "field 'conversations[1].from': unknown role 'bot'")
+
+
+def test_json_that_arrow_cannot_type_is_judged_row_by_row(tmp_path, monkeypatch):
+    import datasets
+    path = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    real = datasets.load_dataset
+
+    def refuses_json(*args, **kwargs):  # as datasets does on a column whose types it cannot unify
+        if args and args[0] == "json":
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("sft_recipes.sources.load_dataset", refuses_json)
+    ds, drops = load(path)
+    assert (len(ds), drops) == (12, collections.Counter())
+
+
+def test_the_summary_names_the_dropped_rows(tmp_path):
+    """Through the trainer's data path: counted in the stats, named by file and record on the screen."""
+    from rich.console import Console
+
+    from sft_recipes import load_recipe, load_tokenizer
+    from sft_recipes.summary import print_data
+    from sft_recipes.trainer import build_datasets
+
+    path, fields = glaive_with_calls_as_text(tmp_path)
+    recipe = load_recipe(None, model_name_or_path="tiny:gpt2", chat_template="chatml", datasets=[str(path)],
+                         dedup="none", max_length=16384)
+    train, _, stats = build_datasets(recipe, load_tokenizer(recipe))
+    assert stats["train"]["dropped"] == {"malformed": 2} and stats["train"]["rows"] == 298
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    print_data(console, stats)
+    text = console.export_text()
+    assert "train dropped (rows or examples): malformed: 2" in text
+    for record, field in fields.items():
+        assert f"  train malformed: {path}, record {record}, field '{field}': a tool result with no tool call" in text
