@@ -165,7 +165,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
-                                                       "checkpoint-* folder in it, or a merged model")
+                                                       "checkpoint-* folder in it, a merged model, or a .gguf file")
     parser.add_argument("--system", help="system prompt")
     gen.add_prompt_args(parser)
     gen.add_sampling_args(parser)

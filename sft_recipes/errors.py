@@ -16,6 +16,9 @@ _MUTED = (
     "`is_gradient_checkpointing` is deprecated",  # TRL/PEFT calling transformers
     "Setting `save_embedding_layers` to `True`",  # PEFT saves the resized embeddings, as it must
     "The new embeddings will be initialized from a multivariate normal",  # transformers, on every resize
+    # PEFT, saving an adapter on a .gguf base (no config.json to compare vocabularies with): the template's new
+    # tokens travel as trainable tokens anyway; only an added pad row, never attended to, is left out
+    ".gguf - will assume that the vocabulary was not modified",
 )
 _MUTED_LOGGERS = ("transformers.modeling_utils",)
 

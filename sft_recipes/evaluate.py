@@ -10,7 +10,8 @@ Eval loss and perplexity come from a forward pass over the same rows with the tr
 over all trained tokens). The eval rows are chosen as training chose them (same data, split and seed).
 The baseline (e.g. `tiny:gpt2`, the untrained starting point of the embedded default) is loaded as
 training loads its starting model and prompted with the evaluated model's chat template.
-The model is any output folder of a run: a full model, a LoRA adapter (applied to its base), a checkpoint.
+The model is any output folder of a run: a full model, a LoRA adapter (applied to its base), a checkpoint;
+or a .gguf file (then --output_dir is needed).
 Writes report.md, metrics.json, predictions.jsonl (and loss.png when the model dir has a log history)
 into --output_dir (default: the model dir). Recipe keys that choose or mask the eval rows may follow
 (e.g. `--eval_split 0.1`); keys only training reads are refused.
@@ -34,6 +35,7 @@ from . import generate as gen
 from . import masking, metrics, report, sources, templates, tool_calls
 from .config import flag_keys, parse_recipe
 from .errors import RecipeError, cli
+from .gguf import is_gguf
 from .models import add_response_template, load_model, load_tokenizer, load_trained
 from .trainer import mask_options
 
@@ -334,9 +336,9 @@ def main(argv=None):
                                      usage="%(prog)s RECIPE.yaml [--model DIR] [options] [--recipe_key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe the model was trained with")
-    parser.add_argument("--model", help="a run's output_dir (full model or LoRA adapter), a checkpoint-* folder "
-                                        "or a merged model (default: the recipe's output_dir)")
-    parser.add_argument("--baseline", help="model to compare with: an output dir, a Hub id, or tiny:gpt2")
+    parser.add_argument("--model", help="a run's output_dir (full model or LoRA adapter), a checkpoint-* folder, "
+                                        "a merged model or a .gguf file (default: the recipe's output_dir)")
+    parser.add_argument("--baseline", help="model to compare with: an output dir, a Hub id, a .gguf file, or tiny:gpt2")
     parser.add_argument("--max_rows", type=int, help="evaluate only the first N eval rows")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16, help="generation batch size")
@@ -347,7 +349,9 @@ def main(argv=None):
     _refuse_unread(rest, parser)
     recipe = parse_recipe([args.recipe, *rest])
     model_dir = args.model or recipe.sft.output_dir
-    if not Path(model_dir).is_dir():
+    if is_gguf(model_dir) and not args.output:  # the report goes beside a model folder, not into a file
+        raise RecipeError(f"--model {model_dir} is a GGUF file: give --output_dir for the report")
+    if not is_gguf(model_dir) and not Path(model_dir).is_dir():
         raise RecipeError(f"model folder not found: {model_dir}")
     if args.max_rows is not None and args.max_rows < 1:
         raise RecipeError(f"--max_rows must be at least 1, got {args.max_rows}")

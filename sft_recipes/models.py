@@ -1,7 +1,8 @@
 """Loading models and tokenizers: a recipe's starting point for training (the tokenizer with its chat template
 and added tokens, the model resized to it), and any output folder of ours for generation, chat, evaluation and
 merging (a full model, or a LoRA adapter applied to its base exactly as training built it), with the token
-ids that end a response."""
+ids that end a response. Names that are no HF folder or Hub id (`tiny:gpt2`, a .gguf file) load from the folder
+they are built into once (`local_name`)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import get_quantization_config
 
-from . import hub, templates, tiny
+from . import gguf, hub, templates, tiny
 from .config import Recipe
 from .errors import RecipeError
 
@@ -26,10 +27,16 @@ def model_path(recipe: Recipe) -> str:
     name = recipe.model.model_name_or_path
     if not name:
         raise RecipeError("the recipe has no `model_name_or_path`")
-    if name == tiny.TINY_MODEL_ID:
-        with PartialState().main_process_first():  # one process builds, the others wait and load
-            return str(tiny.tiny_model_path())
-    return name
+    return local_name(name, recipe.model.model_revision)
+
+
+def local_name(name: str, revision: str | None = None) -> str:
+    """The name to load: `tiny:gpt2` and .gguf files become the HF folder built from them once, anything else
+    stays as it is."""
+    if name != tiny.TINY_MODEL_ID and not gguf.is_gguf(name):
+        return name
+    with PartialState().main_process_first():  # one process builds, the others wait and load
+        return str(tiny.tiny_model_path() if name == tiny.TINY_MODEL_ID else gguf.hf_folder(name, revision))
 
 
 def load_tokenizer(recipe: Recipe):
@@ -65,6 +72,8 @@ def load_model(recipe: Recipe, tokenizer):
                   attn_implementation=m.attn_implementation, quantization_config=quantization,
                   device_map=_quantized_device_map(quantization))
     model = hub.from_pretrained(AutoModelForCausalLM, model_path(recipe), **kwargs, **(recipe.sft.model_init_kwargs or {}))
+    if gguf.is_gguf(m.model_name_or_path):  # what a LoRA adapter records as its base: the file, not our cache
+        model.name_or_path = gguf.portable_name(m.model_name_or_path)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # tokens the template or pad added
         model.resize_token_embeddings(len(tokenizer))
     _set_stops(model, tokenizer)
@@ -83,12 +92,14 @@ def _quantized_device_map(quantization):
 def load_trained(path: str, base: str | None = None, dtype: str = "auto"):
     """(model, tokenizer) from a run's output_dir, a checkpoint-* folder in it, or a merged model. An adapter
     is applied to its base (`base`, else the one it records), resized to the saved tokenizer as training
-    resized it, and merged in. The tokenizer must carry its chat template."""
+    resized it, and merged in. The tokenizer must carry its chat template. A .gguf file is a base model as it is."""
+    name, path = path, local_name(path) if gguf.is_gguf(path) else path
     adapter = _kind(path) == "adapter"
     tokenizer = hub.from_pretrained(AutoTokenizer, path)
     if not tokenizer.chat_template:
-        raise RecipeError(f"{path}: the tokenizer has no chat template; is this a folder written by "
-                          "`python -m sft_recipes.run`?")
+        hint = ("train on it with a `chat_template` first" if gguf.is_gguf(name) else
+                "is this a folder written by `python -m sft_recipes.run`?")
+        raise RecipeError(f"{name}: the tokenizer has no chat template; {hint}")
     add_response_template(tokenizer)
     if adapter:
         from peft import PeftModel
@@ -154,7 +165,8 @@ def _kind(path: str) -> str:
 
 
 def base_of(adapter_dir: Path, base: str | None = None) -> str:
-    """The base model to load: `base`, else the adapter's own record; `tiny:gpt2` becomes its local folder."""
+    """The base model to load: `base`, else the adapter's own record; `tiny:gpt2` and a .gguf file become their
+    local folder."""
     config_file = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir():
         raise RecipeError(f"{adapter_dir}: no such adapter folder")
@@ -169,8 +181,8 @@ def base_of(adapter_dir: Path, base: str | None = None) -> str:
     name = base or recorded
     if not name:
         raise RecipeError(f"{config_file} names no base model; pass --base ID_OR_PATH")
-    if name == tiny.TINY_MODEL_ID:
-        return str(tiny.tiny_model_path())
+    if name == tiny.TINY_MODEL_ID or gguf.is_gguf(name):
+        return local_name(name)
     if not base and Path(name).is_absolute() and not Path(name).exists():
         raise RecipeError(f"the base model folder {name} (from {config_file}) no longer exists; "
                           "pass --base ID_OR_PATH (`tiny:gpt2` for the embedded tiny model)")

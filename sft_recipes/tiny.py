@@ -3,7 +3,8 @@ same tasks, and a tiny GPT-2 built locally from the tasks.
 
 `python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json and
 recipes/data/tiny_chats.jsonl (the shipped files; this generator documents how they were made).
-`tiny_model_path()` builds the model on first use.
+`tiny_model_path()` builds the model on first use, into the cache (`cache_root`, `build_once`; GGUF
+conversions are cached the same way).
 """
 from __future__ import annotations
 
@@ -266,16 +267,27 @@ def tiny_model_path() -> Path:
     """Folder with the tiny model + tokenizer, built once per content hash; safe under concurrency."""
     texts = _training_texts()
     key = json.dumps([MODEL_CONFIG, TOKENIZER_SETTINGS, texts], sort_keys=True).encode()
-    root = Path(os.environ.get("SFT_RECIPES_CACHE") or Path.home() / ".cache" / "sft_recipes")
-    target = root / f"tiny-gpt2-{hashlib.sha256(key).hexdigest()[:12]}"
+    target = cache_root() / f"tiny-gpt2-{hashlib.sha256(key).hexdigest()[:12]}"
+    return build_once(target, lambda folder: _build(texts, folder), f"building the tiny model once: {target}")
+
+
+def cache_root() -> Path:
+    """sft_recipes' cache of built models: `$SFT_RECIPES_CACHE`, else ~/.cache/sft_recipes."""
+    return Path(os.environ.get("SFT_RECIPES_CACHE") or Path.home() / ".cache" / "sft_recipes")
+
+
+def build_once(target: Path, build, note: str) -> Path:
+    """`target`, a model folder `build(folder)` writes, built on first use (with `note` on stderr). It is written
+    into a temporary folder and renamed, so a folder that exists is complete, and processes building at once
+    keep whichever finished first."""
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"building the tiny model once: {target}", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(note, file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        _build(texts, tmp)
+        build(tmp)
         os.rename(tmp, target)  # atomic; fails if another process got there first
     except OSError:
         if not (target / "config.json").exists():
