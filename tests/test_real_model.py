@@ -148,3 +148,20 @@ def test_evaluate_compares_the_tuned_adapter_with_its_gguf_base(tuned, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["rows"] == 3 and metrics["baseline"]["path"] == SMOLLM
     assert metrics["model"]["eval_loss"] < metrics["baseline"]["eval_loss"]  # four steps already show
+
+
+def test_inspect_shows_the_real_recipe_from_its_gguf(smollm, tmp_path, capsys):
+    """The shipped real recipe, as a user inspects it before training: the template's default system prompt
+    untrained, the taught answer and its <|im_end|> trained, every row kept."""
+    from sft_recipes import inspect
+
+    out = tmp_path / "rows.jsonl"
+    inspect.main([str(ROOT / "recipes" / "smollm2_identity.yaml"), "-n", "1", "--export", str(out)])
+    assert "train example 0" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 312 + 18
+    tokenizer = load_tokenizer(recipe(tmp_path))
+    for row in rows:
+        trained = tokenizer.decode([t for t in row["labels"] if t != -100])
+        assert trained == row["messages"][-1]["content"] + "<|im_end|>"
+        assert tokenizer.decode(row["input_ids"]).startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>")
