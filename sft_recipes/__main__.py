@@ -15,6 +15,7 @@ COMMANDS = {
     "chat": ("chat", "chat with a trained model in the terminal"),
     "evaluate": ("evaluate", "score a trained model on its recipe's eval split, optionally beside a baseline"),
     "merge": ("merge", "merge a LoRA adapter into its base model"),
+    "export": ("export", "write a trained model as one GGUF file for llama.cpp and Ollama (--verify proves it)"),
     "report": ("report", "plot a run's train and eval loss to loss.png"),
     "tiny": ("tiny", "regenerate the embedded default's shipped data files"),
 }
