@@ -408,7 +408,7 @@ def _parts(value, at, field) -> dict:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind is None:
             raise at.error('expected a content part {"type": "text", "text": ...}', f"{field}[{i}]")
-        body = part.get("text", part.get("value"))
+        body = part["text"] if part.get("text") is not None else part.get("value")  # Arrow fills the other with null
         if kind not in _PARTS:
             raise at.error(f"content part of type '{kind}' is not supported", f"{field}[{i}]",
                            hint=f"Parts of type {', '.join(_PARTS)} can be trained on; remove the part")

@@ -240,6 +240,14 @@ def test_llama_factory_messages_with_parts_and_loss_weights():
     assert json.loads(row["tools"]) == tools and row["drop"] is None and row["unused"] == []
 
 
+def test_text_parts_may_mix_openai_and_llama_factory_keys():
+    """As Arrow stores them: every part gets both keys, the one it lacks null."""
+    parts = [{"type": "text", "text": "It is ", "value": None}, {"type": "text", "text": None, "value": "48."}]
+    row = only([{"messages": [{"role": "user", "content": "6*8?"}, {"role": "assistant", "content": parts}]}],
+               "messages")
+    assert row["messages"][1]["content"] == "It is 48."
+
+
 @pytest.mark.parametrize("content, fragments", [
     ([{"type": "text"}], ["content[0]", "'text' part without its text"]),
     ([{"type": "image_url", "value": "cat.png"}], ["content[0]", "type 'image_url' is not supported",
