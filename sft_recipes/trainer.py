@@ -109,7 +109,7 @@ def _stats(ds, drops: sources.Drops, cleaned: cleaning.Cleaned | None = None) ->
         first.setdefault(row, names or [])
     cleaned = cleaned or cleaning.Cleaned()
     return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops),
-            "drop_examples": getattr(drops, "examples", {}), "cleaned": cleaned.counts,
+            "drop_examples": drops.examples, "cleaned": cleaned.counts,
             "cleaning_examples": cleaned.examples, "refused": dict(refused.most_common()),
             "examples_refused": examples, "truncated": sum(c["truncated"]), "tokens": n_tokens,
             "trained_tokens": n_trained, "trained_fraction": n_trained / max(n_tokens, 1),
