@@ -291,15 +291,19 @@ def write_outputs(out: Path, info: dict, runs: dict, prompts, references, n_exam
 
 
 # ---------------------------------------------------------------- command
+def scored_rows(masked) -> list[int]:
+    """The masked eval rows that are scored: those training could use (not refused) that end in an answer."""
+    return [i for i, (drop, msgs) in enumerate(zip(masked["drop"], masked["messages"]))
+            if drop is None and split_reference(msgs)[0] is not None]
+
+
 def run(recipe, model_dir: str, *, baseline=None, max_rows=None, max_new_tokens=128, batch_size=16, output=None,
         examples=5, console=None) -> dict:
     """The whole evaluation; returns {name: {"path", "metrics", "prompts", "responses", "scores", "tool_calls"}}."""
     console = console or Console()
     model, tokenizer = load_evaluated(model_dir)
     masked = masked_rows(eval_conversations(recipe), tokenizer, recipe)
-    # Rows training could not use (refused by its masking) are not evaluated either.
-    keep = [i for i, (drop, msgs) in enumerate(zip(masked["drop"], masked["messages"]))
-            if drop is None and split_reference(msgs)[0] is not None][:max_rows]
+    keep = scored_rows(masked)[:max_rows]
     if not keep:
         raise RecipeError("no eval rows with an assistant turn to score")
     masked = masked.select(keep)

@@ -136,9 +136,7 @@ def eval_prompts(run_dir: str, tokenizer, n: int):
         masked = evaluate.masked_rows(evaluate.eval_conversations(recipe), tokenizer, recipe)
     except RecipeError as e:  # the data moved, or the recipe has no eval rows: the file is still worth proving
         return builtin, f"built-in prompts ({e})"
-    keep = [i for i, (drop, msgs) in enumerate(zip(masked["drop"], masked["messages"]))
-            if drop is None and evaluate.split_reference(msgs)[0] is not None][:n]
-    rows = masked.select(keep)
+    rows = masked.select(evaluate.scored_rows(masked)[:n])  # as `evaluate` picks them
     convs = [(evaluate.split_reference(m)[0], t, gen.row_kwargs(recipe.data.chat_template_kwargs, k))
              for m, t, k in zip(rows["messages"], rows["tools"], rows["chat_template_kwargs"])]
     if not convs:
