@@ -109,7 +109,6 @@ Fine-tuned from `{recipe_values.get("model_name_or_path")}` with sft_recipes (TR
 
 | split | rows | examples | dropped or refused | cleaned | truncated | tokens trained |
 |---|---|---|---|---|---|---|
-|---|---|---|---|---|---|
 {rows}
 {notes}
 

@@ -97,6 +97,24 @@ def test_drop_reasons_are_never_cut_on_a_narrow_terminal():
     assert "train cleaned (rows): duplicate: 12" in text and "train truncated to max_length: 52 examples" in text
 
 
+def test_model_card_tables_are_well_formed():
+    """Every row of each card table has the header's cell count (a Markdown viewer drops the table otherwise)."""
+    from sft_recipes import report
+
+    st = {"rows": 10, "examples": 12, "dropped": {"empty_response": 1}, "refused": {}, "cleaned": {"duplicate": 2},
+          "truncated": 0, "tokens": 900, "trained_fraction": 0.2, "split_rows": 0, "reasoning_trained": 0,
+          "reasoning_unprinted": 0, "notes": {}, "unused": {}}
+    card = report.model_card({"datasets": [{"path": "a.jsonl"}]}, {"train": st, "eval": st}, {"train_loss": 1.5})
+    tables, table = [], []
+    for line in card.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line.count("|") - 1)
+        elif table:
+            tables.append(table)
+            table = []
+    assert tables == [[7, 7, 7, 7], [2, 2, 2]]
+
+
 def test_existing_output_dir_is_refused_not_overwritten(tiny_run):
     proc = run(TINY, "--output_dir", str(tiny_run[0]), "--max_steps", "1")
     assert proc.returncode == 2
