@@ -340,7 +340,7 @@ def _chat(turns, at, field, keys, roles, unused, row):
         if not isinstance(turn, dict):
             raise at.error(f"expected a message object, got {kind_of(turn)}", path)
         unused += [f"{field}[].{key}" for key, v in turn.items() if key not in known and v is not None]
-        source_role, role = _role(turn, at, path, keys["role"], roles)
+        source_role, role = _role(turn, at, path, keys["role"], roles, messages[-1]["role"] if messages else None)
         content_key, content = _first(turn, keys["content"])
         parts = _parts(content, at, f"{path}.{content_key}") if content is not None else {}
         text = parts.get("text") if content is not None else None
@@ -376,8 +376,9 @@ def _first(turn, keys):
     return keys[0], None
 
 
-def _role(turn, at, path, keys, roles):
-    """(the role as the data spells it, the canonical role)."""
+def _role(turn, at, path, keys, roles, before=None):
+    """(the role as the data spells it, the canonical role); `before` is the previous message's role, which
+    makes the hint for an unknown role guess from its place: the answer to a user turn is the assistant."""
     key, value = _first(turn, keys)
     if value is None:
         raise at.error("missing role", f"{path}.{key}",
@@ -387,10 +388,11 @@ def _role(turn, at, path, keys, roles):
         raise at.error(f"expected a role string, got {kind_of(value)}", f"{path}.{key}")
     role = roles.get(value, roles.get(value.lower()))
     if role is None:
+        guess = "assistant" if before == "user" else "user"
         raise at.error(f"unknown role '{value}'", f"{path}.{key}",
                        hint=f"Known roles: {', '.join(sorted(roles))}; map yours to the part it plays with "
                             f"`roles:` (`--roles` in the checker): `user` for the one asking, `assistant` "
-                            f"only for the lines the model should learn to write, e.g. roles: {{{value}: user}}")
+                            f"only for the lines the model should learn to write, e.g. roles: {{{value}: {guess}}}")
     return value, role
 
 

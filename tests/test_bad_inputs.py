@@ -26,7 +26,7 @@ CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must
     ("missing_output.json", ["--strict"], ["record 1", "field 'output'", "missing required field"]),
     ("output_not_string.json", ["--strict"], ["record 2", "field 'output'", "expected a string, got a number (42)"]),
     ("unknown_role.json", ["--strict"], ["record 1", "field 'conversations[1].from'", "unknown role 'bot'",
-                               "Known roles:", "roles:"]),
+                               "Known roles:", "roles: {bot: assistant}"]),
     ("no_assistant.json", [], ["all 2 records are unusable", "no_assistant_turn"]),
     ("empty_assistant_strict.json", ["--strict"], ["1 of 3 records are unusable", "empty_response",
                                                    "record 1", "turn `strict` off"]),

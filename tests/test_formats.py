@@ -293,6 +293,15 @@ def test_unknown_role_names_it_and_the_option():
     assert_mentions(error, "record 0", "conversations[1].from", "unknown role 'bot'", "gpt", "roles:")
 
 
+def test_unknown_role_hint_guesses_from_its_place():
+    """A turn answering a user turn is the assistant's; one that opens or follows an answer is the user's."""
+    answer, opener = malformed([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hey"}]},
+                                {"conversations": [{"from": "customer", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}],
+                               "sharegpt")
+    assert "roles: {bot: assistant}" in answer and "{bot: user}" not in answer
+    assert "roles: {customer: user}" in opener
+
+
 @pytest.mark.parametrize("options, fragment", [
     ({"roles": {"bot": "robot"}}, "roles: 'bot' is mapped to 'robot'"),
     ({"columns": {"answer": "output"}}, "unknown field 'answer'"),
