@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -137,12 +138,23 @@ def _valid_keys(parser) -> list[str]:
 
 def _unknown(rest: list[str], parser, where: str):
     keys = flag_keys(rest) or rest
-    if not keys:
-        return
-    key = keys[0]
-    close = difflib.get_close_matches(key, _valid_keys(parser), n=1, cutoff=0.6)
+    if keys:
+        raise _unknown_key(keys[0], _valid_keys(parser), where)
+
+
+def _unknown_key(key: str, valid, where: str) -> RecipeError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m sft_recipes.run --help`"
-    raise RecipeError(f"{where}: unknown key '{key}'{hint}")
+    return RecipeError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _blame(message: str, path: str | None, cli_keys: list[str], cli: str) -> str:
+    """Who an argparse complaint is about: `argument --max_steps/--max-steps: ...` names a flag the command line
+    gave (then it's the command line's), else a recipe value."""
+    named = re.match(r"argument --([\w-]+)", message)
+    if path is None or (named and named.group(1).replace("-", "_") in cli_keys):
+        return cli
+    return path
 
 
 def _read_yaml(path: str) -> dict:
@@ -179,10 +191,11 @@ def recipe_help_parser(prog: str, description: str):
     return parser
 
 
-def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """`RECIPE.yaml [--key value ...]` (or just flags) -> Recipe."""
+def parse_recipe(argv: list[str] | None = None, cli: str = "command line") -> Recipe:
+    """`RECIPE.yaml [--key value ...]` (or just flags) -> Recipe; `cli` names where the flags came from in errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    cli_keys = [k.replace("-", "_") for k in flag_keys(argv)]
     parser = _Parser((ScriptArguments, ModelConfig, SFTConfig))
     parser.set_defaults(**_defaults(path))
     if path:
@@ -192,9 +205,9 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
         data, model, sft, from_yaml, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True)
     except (ValueError, RecipeError) as e:  # a value argparse or a dataclass __post_init__ rejects
-        raise RecipeError(f"{path or 'arguments'}: {e}") from None
+        raise RecipeError(f"{_blame(str(e), path, cli_keys, cli)}: {e}") from None
     _unknown(from_yaml, parser, path or "recipe")
-    _unknown(from_cli, parser, "command line")
+    _unknown(from_cli, parser, cli)
     if sft.eval_strategy == "no":
         sft.eval_on_start = False  # no evaluation means none at all, even if the recipe asked for one at start
     if sft.dataset_num_proc == 1:
@@ -249,17 +262,19 @@ def clean_options(d: ScriptArguments) -> CleanOptions:
 
 def load_recipe(path: str | None = None, **overrides) -> Recipe:
     """Library entry: `load_recipe("recipes/tiny_alpaca.yaml", max_steps=10, datasets=[...])`."""
+    valid = [f.name for cls in (ScriptArguments, ModelConfig, SFTConfig) for f in fields(cls)]
+    for key in overrides:
+        if key not in valid:
+            raise _unknown_key(key, valid, "load_recipe")
+    kept = (list, dict, type(None))  # structured values and None can't travel as flags ("None" is a string there)
     argv = [path] if path else []
     for key, value in overrides.items():
-        if not isinstance(value, (list, dict)):
+        if not isinstance(value, kept):
             argv += [f"--{key}", str(value)]
-    recipe = parse_recipe(argv)
-    for key, value in overrides.items():  # structured values can't travel as flags
-        if isinstance(value, (list, dict)):
-            target = next((o for o in (recipe.data, recipe.model, recipe.sft) if hasattr(o, key)), None)
-            if target is None:
-                raise RecipeError(f"unknown key '{key}'")
-            setattr(target, key, value)
+    recipe = parse_recipe(argv, cli="load_recipe")
+    for key, value in overrides.items():
+        if isinstance(value, kept):
+            setattr(next(o for o in (recipe.data, recipe.model, recipe.sft) if hasattr(o, key)), key, value)
     return recipe
 
 

@@ -19,7 +19,8 @@ CASES = [
     ("malformed_yaml", "model_name_or_path: x\n  bad: [\n", [], ["line 2", "not valid YAML"]),
     ("not_a_mapping", "- a\n- b\n", [], ["must be a YAML mapping"]),
     ("unknown_key", BASE + "lerning_rate: 1.0e-3\n", [], ["unknown key 'lerning_rate'", "'learning_rate'"]),
-    ("wrong_type", BASE + "learning_rate: fast\n", [], ["learning_rate", "invalid float value: 'fast'"]),
+    ("wrong_type", BASE + "learning_rate: fast\n", [], ["wrong_type.yaml: ", "learning_rate",
+                                                     "invalid float value: 'fast'"]),
     ("negative_max_length", BASE + "max_length: -5\n", [], ["max_length must be positive, got -5"]),
     ("zero_batch", BASE + "per_device_train_batch_size: 0\n", [], ["per_device_train_batch_size must be positive"]),
     ("eval_split_too_big", BASE + "eval_split: 1.5\n", [], ["eval_split", "[0, 1)"]),
@@ -51,8 +52,8 @@ CASES = [
     ("missing_recipe", "MISSING", [], ["recipe not found"]),
     ("huge_record_truncated_to_nothing", None, ["--max_length", "64"], ["no_trained_tokens_after_truncation"]),
     ("cli_typo", None, ["--lerning_rate", "1e-3"], ["unknown key 'lerning_rate'", "'learning_rate'"]),
-    ("cli_bad_int", None, ["--max_steps", "many"], ["max_steps", "invalid int value: 'many'"]),
-    ("cli_bad_choice", None, ["--truncation", "middle"], ["truncation", "invalid choice: 'middle'"]),
+    ("cli_bad_int", None, ["--max_steps", "many"], ["error: command line: ", "max_steps", "invalid int value: 'many'"]),
+    ("cli_bad_choice", None, ["--truncation", "middle"], ["command line: ", "truncation", "invalid choice: 'middle'"]),
     ("trl_data_key", BASE + "assistant_only_loss: true\n", [], ["assistant_only_loss", "use `train_on`"]),
     ("cli_trl_data_key", None, ["--dataset_text_field", "prompt"], ["dataset_text_field", "columns"]),
     ("cli_datasets_not_yaml", None, ["--datasets", "[{path: x"], ["--datasets", "not YAML or JSON"]),
@@ -126,3 +127,25 @@ def test_the_real_command_says_the_same(name, workdir):
     proc = subprocess.run([sys.executable, "-m", "sft_recipes.run", *_prepare(case, workdir)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     _check(proc.returncode, proc.stderr, case[3])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"max_stepz": 3}, "load_recipe: unknown key 'max_stepz'; did you mean 'max_steps'?"),
+    ({"datasetz": []}, "load_recipe: unknown key 'datasetz'; did you mean 'datasets'?"),
+    ({"max_steps": "abc"}, "load_recipe: argument --max_steps"),
+])
+def test_library_keywords_are_blamed_on_load_recipe(overrides, fragment, monkeypatch):
+    from sft_recipes.config import load_recipe
+    from sft_recipes.errors import RecipeError
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(RecipeError, match="^" + fragment.replace("?", r"\?")):
+        load_recipe("recipes/tiny_alpaca.yaml", **overrides)
+
+
+def test_load_recipe_takes_none_as_the_value_itself(monkeypatch):
+    """chat_template=None means the tokenizer's own template, as in a recipe that sets none (not the string 'None')."""
+    from sft_recipes.config import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    assert load_recipe("recipes/tiny_alpaca.yaml", chat_template=None).data.chat_template is None
