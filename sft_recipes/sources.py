@@ -381,8 +381,8 @@ def _read_json_records(file) -> list[dict]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise data_error(file, f"invalid JSON: {e.msg} (column {e.colno})", line=e.lineno,
-                         hint="Fix the syntax there") from None
+        problem, line, hint = _json_problem(text, e)
+        raise data_error(file, problem, line=line, hint=hint or "Fix the syntax there") from None
     if not records:
         raise data_error(file, "no records (the JSON array is empty)",
                          hint="Add records or remove the file")
@@ -404,14 +404,26 @@ def _read_json_lines(file, text) -> list[dict]:
                 raise data_error(file, "one JSON object, not a list of records",
                                  hint="Use a JSON array of records or JSON Lines "
                                       "(one object per line)") from None
-            raise data_error(file, f"invalid JSON: {e.msg} (column {e.colno})",
-                             record=len(records), line=lineno,
-                             hint="Each line must be one complete JSON object") from None
+            problem, _, hint = _json_problem(line, e)
+            raise data_error(file, problem, record=len(records), line=lineno,
+                             hint=hint or "Each line must be one complete JSON object") from None
         if not isinstance(record, dict):
             raise data_error(file, f"expected a JSON object, got {type(record).__name__}",
                              record=len(records), line=lineno)
         records.append(record)
     return records
+
+
+def _json_problem(text: str, e: json.JSONDecodeError) -> tuple[str, int, str | None]:
+    """(problem, line, hint) of a JSON error. Python reports a trailing comma at the bracket after it, often a
+    line later, as "Expecting value": name the comma and its own line instead."""
+    before = text[:e.pos].rstrip()
+    if before.endswith(",") and text[e.pos:e.pos + 1] in ("]", "}"):
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n") - 1
+        return (f"invalid JSON: trailing comma (column {column}) before the closing '{text[e.pos]}'", line,
+                "JSON allows no comma after the last item; remove it")
+    return f"invalid JSON: {e.msg} (column {e.colno})", e.lineno, None
 
 
 def _is_single_object(text) -> bool:

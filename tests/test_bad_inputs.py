@@ -23,6 +23,8 @@ ROOT = HERE.parent
 CASES = [  # (file in tests/bad_inputs, extra CLI args, fragments the error must contain)
     ("malformed.json", [], ["line 3", "invalid JSON", "Expecting ',' delimiter"]),
     ("malformed_line3.jsonl", [], ["record 2 (line 3)", "invalid JSON"]),
+    ("trailing_comma.json", [], ["line 3:", "trailing comma (column 48) before the closing ']'", "remove it"]),
+    ("trailing_comma.jsonl", [], ["record 1 (line 2)", "trailing comma (column 45) before the closing '}'"]),
     ("missing_output.json", ["--strict"], ["record 1", "field 'output'", "missing required field"]),
     ("output_not_string.json", ["--strict"], ["record 2", "field 'output'", "expected a string, got a number (42)"]),
     ("unknown_role.json", ["--strict"], ["record 1", "field 'conversations[1].from'", "unknown role 'bot'",
