@@ -115,6 +115,8 @@ def _answer(chat: Chat, text: str, role: str, out):
     reply = chat.reply(text, TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True), role)
     for line in gen.call_lines({"content": "", "tool_calls": reply["tool_calls"]}).splitlines():
         print(line, file=out, flush=True)
+    if not reply["content"] and not reply["tool_calls"]:
+        print(f"({gen.EMPTY})", file=out, flush=True)
 
 
 def loop(chat: Chat, stdin=None):

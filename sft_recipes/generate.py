@@ -28,6 +28,8 @@ from .messages import chat_messages, check_kwargs, read_tools as _read_tools
 from .models import load_trained, stop_ids, trained_kwargs
 
 logger = logging.getLogger("sft_recipes")
+# An empty reply is a real answer (an end of turn at once), so not an error, but never a silent blank line.
+EMPTY = "the model's reply is empty: it ended its turn at once"
 DEFAULTS = {"temperature": 0.7, "top_p": None, "top_k": None, "max_new_tokens": 256, "seed": None}
 
 
@@ -227,6 +229,8 @@ def generate_file(model, tokenizer, path, output, *, system=None, batch_size=16,
     finally:
         if output:
             sink.close()
+    if empty := sum(not r for r in responses):
+        logger.warning("%d of %d responses are empty: the model ended its turn at once", empty, len(responses))
     return len(responses)
 
 
@@ -296,7 +300,10 @@ def main(argv=None):
     if args.prompt is not None:
         prompt = prompt_text(tokenizer, alpaca_messages(args.prompt, args.input, args.system), tools, kwargs)
         response = generate(model, tokenizer, [prompt], **sampling_from(args))[0]
-        print(call_lines(tool_calls.parse(response, tokenizer, prompt=prompt, tools=tools)) if tools else response)
+        text = call_lines(tool_calls.parse(response, tokenizer, prompt=prompt, tools=tools)) if tools else response
+        print(text)
+        if not text:
+            print(f"note: {EMPTY}", file=sys.stderr)
         return
     n = generate_file(model, tokenizer, args.file, args.output, system=args.system, batch_size=args.batch_size or 16,
                       read=dict(format=args.format, columns=args.columns, roles=args.roles), tools=tools,

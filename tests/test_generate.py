@@ -131,6 +131,34 @@ def test_cli_prints_only_the_response(tiny_trained, loaded, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.fixture
+def mute_model(tiny_trained, tmp_path):
+    """The trained model, its generation config suppressing every token but the end of turn: it ends each turn
+    at once, as an undertrained model can."""
+    import shutil
+
+    folder = shutil.copytree(tiny_trained, tmp_path / "mute")
+    model, tokenizer = models.load_trained(str(folder))
+    stops = set(models.stop_ids(model, tokenizer))
+    model.generation_config.suppress_tokens = [i for i in range(model.config.vocab_size) if i not in stops]
+    model.generation_config.save_pretrained(folder)
+    return folder
+
+
+def test_an_empty_reply_is_said_not_a_blank_line(mute_model, tmp_path, capsys, caplog):
+    generate.main(["--model", str(mute_model), "--prompt", "Reverse the word.", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert out == "\n" and "note: the model's reply is empty: it ended its turn at once" in err
+    (tmp_path / "in.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "Hi"}) + "\n")
+    generate.main(["--model", str(mute_model), "--file", str(tmp_path / "in.jsonl"), "--temperature", "0",
+                   "--output", str(tmp_path / "out.jsonl")])
+    assert "1 of 1 responses are empty" in caplog.text
+    assert json.loads((tmp_path / "out.jsonl").read_text())["response"] == ""
+    session = chat.Chat(*models.load_trained(str(mute_model)), temperature=0, max_new_tokens=4)
+    assert chat.handle(session, "Reverse the word: lemon.")
+    assert capsys.readouterr().out.endswith("assistant: \n(the model's reply is empty: it ended its turn at once)\n")
+
+
 def test_file_mode_writes_each_row_with_its_response(tiny_trained, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = [{"instruction": "Reverse the word.", "input": "lemon", "output": "nomel"},
