@@ -471,15 +471,16 @@ def main(argv=None):
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
     options = cleaning.CleanOptions(dedup=args.dedup, dedup_threshold=args.dedup_threshold)
 
-    parts = []
+    found = []  # every file read and cleaned before the report starts: their progress bars come first, not inside
     for path in args.paths:
         spec = DatasetSpec.from_dict({"path": path, "format": args.format or "auto", "columns": args.columns,
                                       "roles": args.roles}, path)
-        ds, fmt, drops = _prepare(spec, num_proc=args.num_proc, strict=args.strict)
-        _describe(ds, fmt, drops, detected=spec.format == "auto", header=len(args.paths) > 1 and path)
-        parts.append(ds)
+        found.append((path, spec, *_prepare(spec, num_proc=args.num_proc, strict=args.strict)))
     if args.dedup != "none":  # in file order: the first copy is the one kept
-        _, cleaned = cleaning.clean(concatenate_datasets(parts), None, options, num_proc=args.num_proc)
+        _, cleaned = cleaning.clean(concatenate_datasets([f[2] for f in found]), None, options, num_proc=args.num_proc)
+    for path, spec, ds, fmt, drops in found:
+        _describe(ds, fmt, drops, detected=spec.format == "auto", header=len(args.paths) > 1 and path)
+    if args.dedup != "none":
         print(f"cleaning (dedup {args.dedup}" + (f", threshold {args.dedup_threshold}" if args.dedup == "near"
                                                    else "") + "):")
         for reason, n in cleaned.counts.items():

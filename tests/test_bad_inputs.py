@@ -137,6 +137,19 @@ def test_checker_report_on_good_data(tmp_path, capsys):
         assert line in out, out
 
 
+def test_checker_report_is_not_interrupted_by_progress_bars(tmp_path):
+    """Reading and cleaning happen before the report starts: their bars (stderr, on the same terminal) come
+    before its first line, none between its lines."""
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "Hi!"}\n' * 2 + '{"instruction": "Go.", "output": "Ok"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"}  # bars as users see them
+    text = subprocess.run([sys.executable, "-m", "sft_recipes.sources", str(path)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout  # one screen, both
+    assert "Cleaning" in text and "duplicate: 1" in text  # the bars were drawn, and cleaning reported
+    report = text[text.index("format:  alpaca"):]
+    assert "Cleaning" not in report and "%|" not in report, report
+
+
 @pytest.mark.parametrize("file, args, hint, option", [
     ("no_known_columns.json", [], "columns:", ["--columns", "{instruction: question, output: answer}"]),
     ("unknown_role.json", ["--strict"], "roles:", ["--roles", "{bot: assistant}"]),
