@@ -10,6 +10,7 @@ COMMANDS = {
     "run": ("run", "train from a recipe: RECIPE.yaml [--key value ...]"),
     "train": ("run", "the same as run"),
     "inspect": ("inspect", "show what a recipe will train (trained tokens highlighted), before training"),
+    "prepare": ("prepare", "load, clean and mask a recipe's data once into dataset_prepared_path; run reads it"),
     "data": ("sources", "check a data file: format found, rows kept and dropped, first conversation"),
     "generate": ("generate", "answer a prompt, or every row of a file, with a trained model"),
     "chat": ("chat", "chat with a trained model in the terminal"),

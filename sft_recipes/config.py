@@ -47,6 +47,9 @@ class ScriptArguments:
         "help": "Passed to every render, e.g. {enable_thinking: false} or {reasoning_effort: high}; a row's own "
                 "`chat_template_kwargs` column overrides them."})
     strict: bool = field(default=False, metadata={"help": "Any dropped or refused row is an error."})
+    dataset_prepared_path: str | None = field(default=None, metadata={
+        "help": "A folder of masked rows: `sft-recipes prepare` writes it, `run` reads it instead of masking again "
+                "(preparing it first when empty); a recipe that would make other rows is refused."})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after this many evaluations without improvement of `metric_for_best_model` (eval loss)."})
     overwrite_output_dir: bool = field(default=False, metadata={

@@ -51,7 +51,7 @@ def test_bare_and_unknown_commands_say_so():
 HELP_PAGES = {  # command -> what its usage line must name (the positional arguments)
     "run": "RECIPE.yaml", "train": "RECIPE.yaml", "inspect": "RECIPE.yaml", "evaluate": "RECIPE.yaml",
     "data": "path", "merge": "adapter_dir", "report": "output_dir", "generate": "--model", "chat": "--model",
-    "tiny": "--write-data", "export": "RUN_DIR",
+    "tiny": "--write-data", "export": "RUN_DIR", "prepare": "RECIPE.yaml",
 }
 
 
