@@ -6,6 +6,8 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from .distributed import launched
+
 
 def data_table(stats: dict, title: str = "data") -> Table:
     """Counts only, so the table fits 80 columns; the reasons behind them are `reason_lines`."""
@@ -93,6 +95,7 @@ def print_summary(trainer, console: Console | None = None):
     head.add_row("template", _template_name(trainer.recipe.data.chat_template))
     head.add_row("batch", f"{effective} = {args.per_device_train_batch_size} per device x "
                           f"{args.gradient_accumulation_steps} accumulation x {world} processes")
+    head.add_row("launch", launched(trainer.accelerator))
     head.add_row("steps", f"{steps:,} ({rows:,} {'packed blocks' if args.packing else 'examples'}, "
                           f"{per_epoch:,} steps/epoch)")
     head.add_row("output", args.output_dir)

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import get_peft_config
 
-from . import cleaning, masking, report, sources
+from . import cleaning, distributed, masking, report, sources
 from .packing import Trainer
 from .config import Recipe, changed_values, clean_options
 from .errors import RecipeError
@@ -212,6 +212,8 @@ def train(recipe: Recipe) -> Trainer:
     trainer = build_trainer(recipe)
     state = PartialState()
     if state.is_main_process:
+        if line := distributed.mismatch(trainer.accelerator):
+            logger.warning(line)
         print_summary(trainer)
     stop = StopOnSignal().install()
     trainer.add_callback(stop)
@@ -224,7 +226,7 @@ def train(recipe: Recipe) -> Trainer:
         evaluation = trainer.evaluate()
         evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50))
         metrics.update(evaluation)
-    trainer.save_model()  # model (or adapter) + tokenizer with its chat template
+    distributed.save_model(trainer)  # model (or adapter) + tokenizer with its chat template
     if state.is_main_process:
         _save_run(trainer, metrics)
     return trainer
