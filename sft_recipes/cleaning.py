@@ -2,10 +2,12 @@
 the rows the earlier ones kept: user turns (`min_turns`, `max_turns`); the characters the assistant writes
 (`min_response_chars`, `max_response_chars`); a copy of an eval row or `decontaminate_ngram` words in a row
 shared with an eval row's user or assistant text (`decontaminate`); the same row after normalising whitespace
-and case (`dedup: exact`); word-pair shingles with a Jaccard of `dedup_threshold` or more (`dedup: near`:
-datasketch MinHash LSH, candidates confirmed exactly). The first row of a group in the mixed (seeded) order is
-kept. A word is a run of letters or digits; in scripts written without spaces (Chinese, Japanese, Thai) each
-character is one, so shingles and n-grams there are of characters. Eval rows are never changed.
+and case (`dedup: exact`); for `dedup: near`, word-pair shingles with a Jaccard of `dedup_threshold` or more
+(datasketch MinHash LSH, candidates confirmed exactly), or, in a row too short for one edit to bring its Jaccard
+below the threshold, one word or one space apart (a word changed, added, removed or moved; two words joined or
+one split). The first row of a group in the mixed (seeded) order is kept. A word is a run of letters or digits;
+in scripts written without spaces (Chinese, Japanese, Thai) each character is one, so shingles and n-grams there
+are of characters. Eval rows are never changed.
 
 One cached `datasets.map` (`num_proc` workers) computes every row's signature; the grouping is then one pass."""
 from __future__ import annotations
@@ -41,6 +43,9 @@ _WORD = re.compile(f"[{_NO_SPACES}]|[^\\W{_NO_SPACES}]+")
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)  # odd, so multiplying loses nothing
 _CODE = Path(__file__).read_text()
 _MINHASH = MinHash(num_perm=NUM_PERM, hashfunc=int)  # its input is 32-bit shingle hashes already
+_P = 0x100000001B3  # odd, so invertible modulo 2**64: a word's term in the sequence hash can be shifted back
+_P_INV = np.uint64(pow(_P, -1, 1 << 64))
+_MAX_EDIT_WORDS = 256  # edit keys cost one 64-bit hash per word: only short rows need them
 
 
 @dataclass
@@ -152,6 +157,28 @@ def _ngrams(h: np.ndarray, n: int) -> np.ndarray:
     return g
 
 
+def _edit_limit(threshold: float) -> float:
+    """Shingles below which one edit can bring a row's Jaccard under `threshold`: joining two words takes 3
+    pairs away and adds 2, so (m - 3) / (m + 2) < threshold; 2 more for pairs that repeat in a row."""
+    return _MAX_EDIT_WORDS if threshold >= 1 else min((3 + 2 * threshold) / (1 - threshold) + 2, _MAX_EDIT_WORDS)
+
+
+def _edit_keys(spoken, words: list[list[str]], hashes: list[np.ndarray]) -> np.ndarray:
+    """64-bit hashes of the row's word sequence (a role marker before each message), of that sequence with each
+    word left out in turn, and of its words joined without spaces. Two rows share one iff they are one word apart
+    (changed: both leave it out; added or removed: one leaves it out; moved) or differ only in where words
+    split (a space removed or added, `e-mail` and `email`)."""
+    roles = [np.array([zlib.crc32(f"\0{role}".encode())], np.uint64) for role, _ in spoken]
+    seq = np.concatenate([np.zeros(0, np.uint64), *(x for pair in zip(roles, hashes) for x in pair)]) + np.uint64(1)
+    powers = np.cumprod(np.full(len(seq), _P, np.uint64))[::-1] * _P_INV  # P ** (n - 1 - k), wrapping
+    terms = (seq * _M2) * powers
+    upto = np.cumsum(terms)  # wrapping sums
+    left_out = (upto - terms) * _P_INV + (upto[-1] - upto)  # words before i move down one power
+    joined = "\1".join(role + "\0" + "".join(w) for (role, _), w in zip(spoken, words))
+    whole = np.frombuffer(hashlib.blake2b(joined.encode(), digest_size=8).digest(), np.uint64)
+    return np.unique(np.concatenate([upto[-1:], left_out, whole]))
+
+
 def _shingles(hashes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Sorted 32-bit hashes of the row's word pairs (its word in a one-word row), and their MinHash values
     (none for a row without words)."""
@@ -171,8 +198,8 @@ def _signatures(ds: Dataset, opts: CleanOptions | None, probe, num_proc, n: int 
         columns["grams"] = List(Value("uint64"))
     else:
         columns.update(turns=Value("int32"), response_chars=Value("int64"))
-        columns.update({"shingles": List(Value("uint32")), "minhash": List(Value("uint32"))} if opts.dedup == "near"
-                       else {})
+        columns.update({"shingles": List(Value("uint32")), "minhash": List(Value("uint32")),
+                        "edits": List(Value("uint64"))} if opts.dedup == "near" else {})
         columns.update({"overlap": Value("int32")} if probe else {})
     fingerprint = Hasher.hash([ds._fingerprint, opts and asdict(opts), n, _CODE, probe and probe.evals._fingerprint])
     return ds.map(_signature_batch, batched=True, remove_columns=ds.column_names, features=Features(columns),
@@ -184,7 +211,8 @@ def _signature_batch(batch, opts, probe, n) -> dict:
     out = collections.defaultdict(list)
     for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
         spoken, key = _spoken(row), _exact_key(row)
-        hashes = [_word_hashes(_words(text)) for _, text in spoken]
+        words = [_words(text) for _, text in spoken]
+        hashes = [_word_hashes(w) for w in words]
         out["key"].append(key)
         if opts is None:
             out["grams"].append(np.concatenate([np.zeros(0, np.uint64), *(_ngrams(h, n) for h in hashes)]))
@@ -192,8 +220,11 @@ def _signature_batch(batch, opts, probe, n) -> dict:
         out["turns"].append(sum(role == "user" for role, _ in spoken))
         out["response_chars"].append(sum(len(text) for role, text in spoken if role == "assistant"))
         if opts.dedup == "near":
-            for name, value in zip(("shingles", "minhash"), _shingles(hashes)):
-                out[name].append(value)
+            shingles, minhash = _shingles(hashes)
+            short = 0 < len(shingles) < _edit_limit(opts.dedup_threshold)
+            out["shingles"].append(shingles)
+            out["minhash"].append(minhash)
+            out["edits"].append(_edit_keys(spoken, words, hashes) if short else np.zeros(0, np.uint64))
         if probe:
             out["overlap"].append(probe.match(key, hashes))
     return out
@@ -262,14 +293,25 @@ def _judge(sig: pa.Table, opts: CleanOptions) -> pa.Table:
 
 
 def _near(sig: pa.Table, threshold: float, verdict, head, score):
-    """Greedy, in order: a row whose Jaccard with a kept row reaches the threshold joins that row's group, else
-    it is kept and indexed. The LSH bands aim 0.1 below the threshold, weighing misses most (at 0.9: 16 bands
-    of 8, which finds a pair at 0.9 with p > 0.9999, at 0.8 with 0.95); the exact Jaccard of the shingles, not
-    the noisier MinHash estimate, then confirms a candidate."""
+    """Greedy, in order: a row one edit from a kept short row (a shared edit key), or whose Jaccard with a kept
+    row reaches the threshold, joins that row's group, else it is kept and indexed. The LSH bands aim 0.1 below
+    the threshold, weighing misses most (at 0.9: 16 bands of 8, which finds a pair at 0.9 with p > 0.9999, at
+    0.8 with 0.95); the exact Jaccard of the shingles, not the noisier MinHash estimate, then confirms a
+    candidate. Edit keys are numbered once (np.unique); each number remembers its first kept row."""
     hv, shingles = _rows_of(sig, "minhash"), _rows_of(sig, "shingles")
+    edits = sig.column("edits").combine_chunks()
+    bounds = edits.offsets.to_numpy() - edits.offsets[0].as_py()
+    _, key_ids = np.unique(edits.flatten().to_numpy(), return_inverse=True)
+    owner = np.full(int(key_ids.max()) + 1 if len(key_ids) else 0, -1)  # key number -> first kept row with it
     lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=NUM_PERM, weights=(0.05, 0.95))
     for i in np.flatnonzero(verdict == 0):
         if len(hv[i]) == 0:  # a row without words has nothing to compare
+            continue
+        keys = key_ids[bounds[i]:bounds[i + 1]]
+        near = owner[keys][owner[keys] >= 0]
+        if len(near):
+            verdict[i], head[i] = _NEAR, near.min()
+            score[i] = _jaccard(shingles[i], shingles[head[i]])
             continue
         m = MinHash(hashvalues=hv[i], permutations=_MINHASH.permutations, scheme=_MINHASH.scheme)
         found = np.fromiter(lsh.query(m), dtype=np.int64)
@@ -280,6 +322,7 @@ def _near(sig: pa.Table, threshold: float, verdict, head, score):
             verdict[i], head[i], score[i] = _NEAR, found[int(np.argmax(sims))], max(sims)
         else:
             lsh.insert(int(i), m, check_duplication=False)
+            owner[keys[owner[keys] < 0]] = i
 
 
 def _rows_of(sig: pa.Table, name: str) -> list[np.ndarray]:
@@ -313,8 +356,10 @@ class _Report:
     def why(self, reason: str, i: int) -> str:
         j = int(self.head[i])
         if reason in ("duplicate", "near_duplicate"):
-            return (f"same as {_where(self.ds, j)}" if reason == "duplicate"
-                    else f"Jaccard {self.score[i]:.2f} with {_where(self.ds, j)}")
+            if reason == "duplicate":
+                return f"same as {_where(self.ds, j)}"
+            one = " (one word or space apart)" if self.score[i] < self.opts.dedup_threshold else ""
+            return f"Jaccard {self.score[i]:.2f} with {_where(self.ds, j)}{one}"
         if reason == "eval_overlap":
             n = self.probe.n
             for _, text in _spoken(self.ds[i]):

@@ -148,6 +148,44 @@ def test_near_finds_the_rewrites_and_no_false_positive(mixture):
     assert len(natural) <= 5
 
 
+def one_edit(record, kind, rng):
+    """The record with one word of its answer changed, one letter changed, or one space removed."""
+    record = json.loads(json.dumps(record))
+    text = record["output"]
+    if kind == "space":
+        at = rng.choice([m.start() for m in re.finditer(r"(?<=\w) (?=\w)", text)])
+        record["output"] = text[:at] + text[at + 1:]
+        return record
+    word = rng.choice(list(re.finditer(r"[A-Za-z]{4,}", text)))
+    w = word.group()
+    new = rng.choice([x for x in OTHER_WORDS if x != w.lower()]) if kind == "word" else w[:2] + "q" + w[3:]
+    record["output"] = text[:word.start()] + new + text[word.end():]
+    return record
+
+
+def test_near_finds_one_word_or_one_character_edits_of_short_rows(tmp_path):
+    """Rows under 40 words, where one changed word moves half the word pairs: a word, a letter or a space
+    edited, each found; rows that only share a template (a question pattern, a tool-call shape) are not."""
+    rng = random.Random(5)
+    records = json.loads(shared_file("alpaca_en_demo.json").read_text())
+    short = [i for i, r in enumerate(records) if words(r) < 40 and re.search(r"[A-Za-z]{4,} [A-Za-z]{4,}", r["output"])]
+    picked = rng.sample(short, 30)
+    variants = [one_edit(records[i], ("word", "letter", "space")[j % 3], rng) for j, i in enumerate(picked)]
+    capitals = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Peru", "Lima"), ("Chad", "N'Djamena")]
+    template = [{"instruction": f"What is the capital of {c}?", "input": "", "output": f"The capital of {c} is {k}."}
+                for c, k in capitals]
+    specs = [{"path": str(shared_file("alpaca_en_demo.json"))}, {"path": write(tmp_path / "v.json", variants)},
+             {"path": write(tmp_path / "t.json", template)}]
+    rows = sources.load_mixture(specs, seed=1).rows
+    _, cleaned = clean(rows, None, CleanOptions(dedup="near"))
+    where = {(s, r): i for i, (s, r) in enumerate(zip(rows["source"], rows["record"]))}
+    root = _roots(cleaned.removed)
+    found = [root(where[(specs[0]["path"], i)]) == root(where[(specs[1]["path"], j)]) for j, i in enumerate(picked)]
+    assert sum(found) == 30
+    assert cleaned.counts["near_duplicate"] == 30  # the variants only: none among alpaca's rows or the template
+    assert any("(one word or space apart)" in e for e in cleaned.examples["near_duplicate"])
+
+
 CHINESE = ("机器学习是人工智能的一个分支，它使计算机能够在没有明确编程的情况下从数据中学习。监督学习使用带标签的样本训练模型，"
            "模型学习输入与输出之间的映射关系。无监督学习则在没有标签的数据中寻找结构，例如聚类和降维。强化学习通过与环境交互获得奖励，"
            "逐步改进自己的策略。近年来，深度学习借助多层神经网络在图像识别、语音识别和自然语言处理等领域取得了显著进展。")
