@@ -19,8 +19,11 @@ _MUTED = (
     # PEFT, saving an adapter on a .gguf base (no config.json to compare vocabularies with): the template's new
     # tokens travel as trainable tokens anyway; only an added pad row, never attended to, is left out
     ".gguf - will assume that the vocabulary was not modified",
+    # transformers' Trainer on resume: safetensors saves a tied head once, under the embedding's name, and the
+    # Trainer's check for that reads a v4 attribute; an untied model's checkpoint holds its head, so this is tying
+    "There were missing keys in the checkpoint model loaded: ['lm_head.weight']",
 )
-_MUTED_LOGGERS = ("transformers.modeling_utils",)
+_MUTED_LOGGERS = ("transformers.modeling_utils", "transformers.trainer")
 
 
 class RecipeError(Exception):
@@ -99,10 +102,17 @@ class _Muted(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet():
-    """Mute `_MUTED` and transformers' own progress bars (loading and writing weights); restore them after."""
+    """Mute `_MUTED` and transformers' own progress bars (loading and writing weights), print our warnings as
+    bare lines; restore it all after."""
     hf = sys.modules.get("transformers.utils.logging")  # imported by then in the commands that load models
     bars = hf is not None and hf.is_progress_bar_enabled()
     muted, loggers = _Muted(), [logging.getLogger(name) for name in _MUTED_LOGGERS]
+    root = logging.getLogger()
+    # Our warnings go through one handler for the whole command: else the first library to log through absl
+    # (rouge_score, under evaluate) calls basicConfig mid-run and the later ones read `WARNING:sft_recipes:...`.
+    ours = logging.StreamHandler() if not root.handlers else None
+    if ours:
+        root.addHandler(ours)
     with warnings.catch_warnings():
         for message in _MUTED:
             warnings.filterwarnings("ignore", message=".*" + re.escape(message))
@@ -113,6 +123,8 @@ def _quiet():
         try:
             yield
         finally:
+            if ours:
+                root.removeHandler(ours)
             for logger in loggers:
                 logger.removeFilter(muted)
             if bars:

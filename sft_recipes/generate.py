@@ -129,14 +129,18 @@ def generate(model, tokenizer, conversations, *, tools=None, batch_size=16, prog
         set_seed(seed)
     budget = context_budget(model, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-    out = [""] * len(prompts)
+    out, cut = [""] * len(prompts), 0
     with tqdm(total=len(prompts), desc="Generating", unit="row", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            texts = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], kwargs, budget, streamer)
+            texts, n = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], kwargs, budget, streamer)
             for i, text in zip(chunk, texts):
                 out[i] = text
+            cut += n
             bar.update(len(chunk))
+    if cut:  # said once for the call, not once a batch
+        logger.warning("%d of %d prompts are longer than the %d tokens the context leaves beside max_new_tokens; "
+                       "their start was cut", cut, len(prompts), budget)
     return out
 
 
@@ -148,14 +152,15 @@ def _generate_batch(model, tokenizer, prompts, kwargs, budget, streamer):
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
+    cut = 0
     if budget is not None and enc["input_ids"].shape[1] > budget:
         # Keep each prompt's end (the generation prompt); left padding makes that the last columns.
-        logger.warning("a prompt is longer than the %d tokens the context leaves; its start was cut", budget)
+        cut = int((enc["attention_mask"].sum(dim=1) > budget).sum())
         enc = {k: v[:, -budget:] for k, v in enc.items()}
     enc = {k: v.to(model.device) for k, v in enc.items()}
     ids = model.generate(**enc, **kwargs, streamer=streamer)
     new = ids[:, enc["input_ids"].shape[1]:].tolist()
-    return [response_text(tokenizer, row, kwargs["eos_token_id"]) for row in new]
+    return [response_text(tokenizer, row, kwargs["eos_token_id"]) for row in new], cut
 
 
 def response_text(tokenizer, new_ids: list[int], stops) -> str:

@@ -145,6 +145,21 @@ def test_a_lora_output_folder_evaluates_into_the_output_dir_asked_for(tiny_lora,
     assert f"wrote {out / 'report.md'}" in " ".join(proc.stdout.split())
 
 
+def test_the_prompt_cut_warning_is_said_once_a_model_in_one_format(tiny_trained, tmp_path):
+    """Prompts longer than the context leaves are cut: one line per model evaluated, however many batches, and
+    the same bare format before and after the metrics' libraries load (rouge_score logs through absl, which
+    configures the root logger when nothing has)."""
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.evaluate", RECIPE, "--model", str(tiny_trained),
+                           "--baseline", "tiny:gpt2", "--max_rows", "3", "--batch_size", "1", "--max_new_tokens", "505",
+                           "--output_dir", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cuts = [line[line.index("3 of 3"):] if "3 of 3" in line else line
+            for line in proc.stderr.splitlines() if "start was cut" in line]
+    assert cuts == ["3 of 3 prompts are longer than the 7 tokens the context leaves beside max_new_tokens; "
+                    "their start was cut"] * 2, proc.stderr[-3000:]
+    assert "WARNING:" not in proc.stderr
+
+
 # ---------------------------------------------------------------- loss plot
 HISTORY = [{"loss": 5.0, "step": 10}, {"loss": 4.0, "step": 20}, {"eval_loss": 4.2, "step": 20},
            {"loss": 3.1, "step": 30}, {"eval_loss": 3.3, "step": 30}, {"train_loss": 4.0, "step": 30}]
