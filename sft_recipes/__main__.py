@@ -5,6 +5,8 @@ import difflib
 import runpy
 import sys
 
+from .errors import flush_stdout, reader_gone
+
 # command -> (module, what it does)
 COMMANDS = {
     "run": ("run", "train from a recipe: RECIPE.yaml [--key value ...]"),
@@ -32,7 +34,11 @@ def overview() -> str:
 def main():
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command in ("-h", "--help"):
-        print(overview())
+        try:
+            print(overview())
+        except BrokenPipeError:
+            reader_gone()
+        flush_stdout()
         return
     if command is None:
         print(overview(), file=sys.stderr)

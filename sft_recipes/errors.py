@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import sys
 import warnings
@@ -91,8 +92,27 @@ def cli(main):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:
+            reader_gone()
+        finally:  # on return and on sys.exit (argparse's --help) alike
+            flush_stdout()
 
     return guarded
+
+
+def flush_stdout():
+    """Flush now, where a closed pipe can be handled, instead of at exit, where Python prints a traceback."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone()
+
+
+def reader_gone():
+    """The reader of our stdout left (`... | head -1`): stop quietly, as a Unix tool killed by SIGPIPE does (exit
+    141); what is still buffered goes to /dev/null so the flush at exit cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
 
 
 class _Muted(logging.Filter):

@@ -48,6 +48,23 @@ def test_bare_and_unknown_commands_say_so():
     assert "unknown command 'genrate'" in line and "did you mean 'generate'?" in line
 
 
+@pytest.mark.parametrize("args", [["--help"], ["data", "tests/bad_inputs/unknown_role.json"]], ids=["help", "data"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(args):
+    """`sft-recipes --help | head -1`: the pipe's reader is gone before we write. No traceback; exit 141, as a Unix
+    tool stopped by SIGPIPE reports it."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # deterministic: `head` may leave before or after a short output is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sft_recipes", *args], cwd=ROOT, stdout=write,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr[-2000:]
+
+
 HELP_PAGES = {  # command -> what its usage line must name (the positional arguments)
     "run": "RECIPE.yaml", "train": "RECIPE.yaml", "inspect": "RECIPE.yaml", "evaluate": "RECIPE.yaml",
     "data": "path", "merge": "adapter_dir", "report": "output_dir", "generate": "--model", "chat": "--model",
