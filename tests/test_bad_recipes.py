@@ -125,7 +125,7 @@ def test_bad_recipe_gives_one_clear_line(case, workdir, capsys, monkeypatch):
 def test_the_real_command_says_the_same(name, workdir):
     case = next(c for c in CASES if c[0] == name)
     proc = subprocess.run([sys.executable, "-m", "sft_recipes.run", *_prepare(case, workdir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True)
     _check(proc.returncode, proc.stderr, case[3])
 
 

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "recipes/tiny_alpaca.yaml"
 
 
-def command(*args, stdin=None, timeout=300) -> subprocess.CompletedProcess:
+def command(*args, stdin=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sft_recipes", *args], cwd=ROOT, capture_output=True, text=True,
-                          input=stdin, timeout=timeout)
+                          input=stdin)
 
 
 def error_line(proc) -> str:

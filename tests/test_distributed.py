@@ -64,7 +64,7 @@ def launch(config: Path, script: list[str], out: Path, *args, **env) -> subproce
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *script, TINY,
            "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--eval_strategy", "no",
            "--logging_steps", "1", "--disable_tqdm", "true", "--output_dir", str(out), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 

@@ -91,7 +91,7 @@ def test_the_real_command_says_the_same(tmp_path):
     file = write_gguf(tmp_path / "madeup.gguf", "madeup")
     proc = subprocess.run([sys.executable, "-m", "sft_recipes.run", "--model_name_or_path", str(file),
                            "--datasets", TASKS, "--output_dir", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "SFT_RECIPES_CACHE": str(tmp_path / "cache")})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr
