@@ -1,4 +1,4 @@
-"""python -m benchmarks.run [--quick] [--only preprocess,cleaning,train,overhead,real,gpu]
+"""python -m benchmarks.run [--quick] [--only preprocess,cleaning,scale,train,overhead,real,gpu]
 
 Prints a table and writes benchmarks/results/<YYYY-MM-DD>-<host>[-<sections>][-quick].json and .md. Every figure is measured
 against its baseline in the same run (median of repetitions, candidate and baseline interleaved)."""
@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 
-SECTIONS = ("preprocess", "cleaning", "train", "overhead", "real", "gpu")
+SECTIONS = ("preprocess", "cleaning", "scale", "train", "overhead", "real", "gpu")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

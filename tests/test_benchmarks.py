@@ -2,6 +2,8 @@
 GPT-2 config, so what a GPU user runs is exercised, and its figures are read back."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import shared_file
 
@@ -31,3 +33,25 @@ def test_gpu_section_trains_and_reports_on_cpu(tmp_path):
     assert base["value"] > 0 and base["detail"]["mfu"] is not None and base["detail"]["peak_memory_gib"] is None
     assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert lora["unit"] == "x" and lora["value"] > 0
+
+
+def test_scale_section_measures_a_tiny_mixture(tmp_path):
+    """The 1M-row benchmark's whole path at 30 and 60 rows: the mixture has its three kinds, each measurement
+    runs in its own worker and cache, and the figures read the results."""
+    from benchmarks import scale
+
+    for name in (*scale.SEEDS.values(), "gpt2-tokenizer"):
+        shared_file(name)
+    files = scale.write_mixture(tmp_path / "mix", 31)
+    lines = [[json.loads(x) for x in f.read_text().splitlines()] for f in files]
+    assert [len(x) for x in lines] == [11, 10, 10]
+    assert "instruction" in lines[0][0] and "conversations" in lines[1][0] and "messages" in lines[2][0]
+    assert any(t["from"] == "function_call" for r in lines[1] for t in r["conversations"])
+    assert any(m.get("reasoning_content") for r in lines[2] for m in r["messages"])
+    results = scale.measure([(30, 1), (60, 1), (60, 2)], tmp_path)
+    for (rows, _), r in results.items():
+        assert r["rows"] == rows and r["examples"] - r["refused"] > rows / 2 and r["peak_rss_mib"] > 50
+        assert r["cache_mib"] > 0 and r["total_s"] >= r["mask_s"] > 0
+    assert results[60, 2]["worker_peak_rss_mib"] > 0  # the num_proc workers ran
+    names = [f["name"] for f in scale.figures(results)]
+    assert names[0] == "load + clean + mask, 60 vs 30 rows: time" and len(names) == 5
