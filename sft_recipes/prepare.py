@@ -226,7 +226,8 @@ def manifest(recipe: Recipe, tokenizer) -> dict:
     backend = tokenizer.backend_tokenizer.to_str() + json.dumps(tokenizer.special_tokens_map, sort_keys=True)
     code = "".join((Path(__file__).parent / f).read_text() for f in _CODE)
     return {"keys": json.loads(json.dumps(keys, default=str)), "tokenizer": _hash(backend),
-            "chat_template": _hash(tokenizer.chat_template or ""), "model_name_or_path": recipe.model.model_name_or_path,
+            "chat_template": _hash(tokenizer.chat_template or ""),
+            "model_name_or_path": recipe.model.model_name_or_path,
             "sft_recipes": __version__, "code": _hash(code), "processes": PartialState().num_processes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -263,8 +264,8 @@ def _clear(folder: Path):
     others = sorted(p.name for p in folder.iterdir() if p.name not in _OURS and p.name != f"{MANIFEST}.tmp") \
         if folder.is_dir() else []
     if others:
-        raise RecipeError(f"dataset_prepared_path {folder} holds files `prepare` did not write ({', '.join(others[:3])}); "
-                          "give an empty or new folder")
+        raise RecipeError(f"dataset_prepared_path {folder} holds files `prepare` did not write "
+                          f"({', '.join(others[:3])}); give an empty or new folder")
     for name in _OURS:
         target = folder / name
         if target.is_dir():

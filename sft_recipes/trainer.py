@@ -1,4 +1,4 @@
-"""Wire a recipe into TRL: masked datasets, tokenizer and model (`models.py`), PEFT, `SFTTrainer`, train, save.
+"""Wire a recipe into TRL: the data (`prepare.py`), tokenizer and model (`models.py`), PEFT, `SFTTrainer`, train, save.
 
 Library use:
     from sft_recipes import load_recipe, train
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import signal
-from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -19,112 +18,15 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import get_peft_config
 
-from . import cleaning, distributed, masking, report, sources
+from . import distributed, fit, report
 from .packing import Trainer
-from .config import Recipe, changed_values, clean_options
+from .prepare import build_datasets, mask_options, masked_datasets  # noqa: F401 (imported from here too)
+from .config import Recipe, changed_values
 from .errors import RecipeError
 from .models import load_model, load_tokenizer
 from .summary import print_summary
 
 logger = logging.getLogger("sft_recipes")
-
-
-# ---------------------------------------------------------------- masks
-def mask_options(recipe: Recipe, tokenizer) -> masking.MaskOptions:
-    d = recipe.data
-    return masking.MaskOptions(template=tokenizer.chat_template, end_of_turn=getattr(tokenizer, "end_of_turn", None),
-                               train_on=d.train_on, train_on_inputs=d.train_on_inputs,
-                               max_length=recipe.sft.max_length, truncation=d.truncation, verify=d.verify_masks,
-                               multi_turn=d.multi_turn, reasoning=d.reasoning, train_on_reasoning=d.train_on_reasoning,
-                               chat_template_kwargs=d.chat_template_kwargs)
-
-
-# ---------------------------------------------------------------- datasets
-def build_datasets(recipe: Recipe, tokenizer):
-    """Canonical conversations -> masked token rows ready for TRL. Returns (train, eval or None, stats)."""
-    train, evals, stats = masked_datasets(recipe, tokenizer)
-    return _trainable(train), _trainable(evals) if evals is not None else None, stats
-
-
-def masked_datasets(recipe: Recipe, tokenizer):
-    """Like `build_datasets`, keeping every column (messages, drop reason, counts) and refused rows."""
-    d, s = recipe.data, recipe.sft
-    if not d.datasets:
-        raise RecipeError(f"{recipe.path or 'recipe'}: no `datasets:` to train on")
-    with PartialState().main_process_first():  # rank 0 fills the datasets cache, the others read it
-        train, drops, repeats = sources.load_mixture(d.datasets, seed=s.seed, num_proc=s.dataset_num_proc,
-                                                     strict=d.strict)
-        evals, eval_drops = None, sources.Drops()
-        if d.eval_datasets:
-            evals, eval_drops = sources.load_conversations(d.eval_datasets, seed=s.seed,
-                                                           num_proc=s.dataset_num_proc, strict=d.strict)
-        elif d.eval_split:
-            train, evals = sources.split_eval(train, d.eval_split, s.seed)
-        train, cleaned = cleaning.clean(train, evals, clean_options(d), num_proc=s.dataset_num_proc)
-        train = sources.repeat(train, repeats, s.seed)  # after dedup, so a deliberate repeat still repeats
-        opts = mask_options(recipe, tokenizer)
-        train = masking.tokenize(train, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking train")
-        if evals is not None:
-            evals = masking.tokenize(evals, tokenizer, opts, num_proc=s.dataset_num_proc, desc="Masking eval")
-    stats = {"train": _stats(train, drops, cleaned), "eval": _stats(evals, eval_drops) if evals is not None else None}
-    for split, st in stats.items():
-        if st and st["rows"] == 0:
-            reason, n = next(iter(st["refused"].items()), ("none", 0))
-            example = st["examples_refused"].get(reason, [""])[0]
-            raise RecipeError(f"no {split} rows left to train on: {n} refused ({reason}: {example}); "
-                              "check chat_template, max_length and the data with `python -m sft_recipes.inspect`")
-    if d.strict:
-        for split, st in stats.items():
-            if st and st["refused"]:
-                reason, n = next(iter(st["refused"].items()))
-                raise RecipeError(f"strict: {n} {split} examples refused ({reason}: {st['examples_refused'][reason][0]}); "
-                                  "fix the data or template, or turn `strict` off to drop them")
-            if st and st["reasoning_unprinted"]:
-                raise RecipeError(f"strict: the template prints no reasoning for {st['reasoning_unprinted']} {split} "
-                                  "turns that have some; choose a template that prints it, set `reasoning: drop`, "
-                                  "or turn `strict` off")
-    return train, evals, stats
-
-
-def _stats(ds, drops: sources.Drops, cleaned: cleaning.Cleaned | None = None) -> dict:
-    cols = ["drop", "detail", "n_tokens", "n_trained", "truncated", "row", "split", "reasoning_trained",
-            "reasoning_unprinted", "notes", "unused", "source", "record"]
-    c = ds.select_columns([k for k in cols if k in ds.column_names]).to_dict()  # one read
-    refused, examples = Counter(), {}
-    where = zip(c.get("source") or [None] * len(c["drop"]), c.get("record") or [None] * len(c["drop"]))
-    for reason, detail, (source, record) in zip(c["drop"], c["detail"], where):
-        if reason:
-            refused[reason] += 1
-            if refused[reason] <= 3:  # named by file and record, as data errors are
-                examples.setdefault(reason, []).append(f"{source}, record {record}: {detail}" if source else detail)
-    kept = [i for i, reason in enumerate(c["drop"]) if reason is None]
-    n_tokens, n_trained = sum(c["n_tokens"][i] for i in kept), sum(c["n_trained"][i] for i in kept)
-    rows = {c["row"][i] for i in kept}
-    split = {}  # row -> token counts of its examples
-    for i in kept:
-        if c["split"][i]:
-            split.setdefault(c["row"][i], []).append(c["n_tokens"][i])
-    first = {}  # each conversation's unused fields once (its per-turn examples share them)
-    for row, names in zip(c["row"], c.get("unused") or [[]] * len(c["row"])):
-        first.setdefault(row, names or [])
-    cleaned = cleaned or cleaning.Cleaned()
-    return {"rows": len(rows), "examples": len(kept), "dropped": dict(drops),
-            "drop_examples": drops.examples, "cleaned": cleaned.counts,
-            "cleaning_examples": cleaned.examples, "refused": dict(refused.most_common()),
-            "examples_refused": examples, "truncated": sum(c["truncated"]), "tokens": n_tokens,
-            "trained_tokens": n_trained, "trained_fraction": n_trained / max(n_tokens, 1),
-            "split_rows": len(split), "split_examples": sum(map(len, split.values())),
-            # what one example per row would have cost: its longest (last) example
-            "split_extra_tokens": sum(sum(t) - max(t) for t in split.values()),
-            "reasoning_trained": sum(c["reasoning_trained"][i] for i in kept),
-            "reasoning_unprinted": sum(c["reasoning_unprinted"][i] for i in kept),
-            "notes": dict(Counter(n for i in kept for n in c["notes"][i]).most_common()),
-            "unused": dict(Counter(n for names in first.values() for n in names).most_common())}
-
-
-def _trainable(ds):
-    ds = ds.filter(lambda drop: [d is None for d in drop], input_columns="drop", batched=True, desc="Dropping refused")
-    return ds.select_columns(["input_ids", "labels"])
 
 
 # ---------------------------------------------------------------- trainer
@@ -138,11 +40,12 @@ def build_trainer(recipe: Recipe) -> Trainer:
         raise RecipeError(f"eval_strategy is '{recipe.sft.eval_strategy.value}' but there is no eval data: "
                           "set `eval_split` or `eval_datasets`")
     model = load_model(recipe, tokenizer)
+    fit_notes = fit.apply(recipe, model)  # defaults that fit the model and the device, for keys left unset
     trainer = Trainer(model=model, args=recipe.sft, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=_peft_config(recipe, tokenizer, model),
                          callbacks=_callbacks(recipe))
     _expose_head_bias(trainer.model)
-    trainer.sft_stats = stats
+    trainer.sft_stats, trainer.fit_notes = stats, fit_notes
     trainer.recipe = recipe
     # Everything alive now lives for the whole run: keep it out of the cyclic GC's full passes, which
     # otherwise walk the data-preparation heap during training (steps/s 0.84x -> 1.0x of a plain TRL

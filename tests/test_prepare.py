@@ -64,6 +64,20 @@ def test_run_reads_the_prepared_rows_without_masking(prepared, monkeypatch, capl
     assert f"read {len(train)} prepared train rows and {len(evals)} eval from {folder}" in caplog.text
 
 
+def test_training_reads_the_prepared_rows(prepared, monkeypatch, caplog, tmp_path):
+    """`run`'s path (build_trainer, train) with the key set: no masking pass, trained on the prepared rows."""
+    from sft_recipes import train
+
+    folder, _, _, (train_rows, _, _) = prepared
+    monkeypatch.setattr(masking, "tokenize", lambda *a, **k: pytest.fail("masked again"))
+    with caplog.at_level(logging.WARNING, logger="sft_recipes"):
+        trainer = train(recipe(folder, max_steps=1, eval_strategy="no", packing=False, disable_tqdm=True,
+                               output_dir=str(tmp_path / "out")))
+    assert f"read {len(train_rows)} prepared train rows" in caplog.text
+    assert rows(trainer.train_dataset) == rows(train_rows) and trainer.state.global_step == 1
+    assert json.loads((tmp_path / "out" / "sft_run.json").read_text())["data"]["train"]["rows"] > 100
+
+
 @pytest.mark.parametrize("key, value", [("max_length", 128), ("train_on", "last_assistant"), ("seed", 7),
                                         ("dedup", "near")])
 def test_a_recipe_that_makes_other_rows_is_refused_naming_the_key(prepared, key, value):
