@@ -1,7 +1,9 @@
 """Every common SFT data format, converted to one conversation shape (`CANONICAL_FEATURES`).
 
 A canonical message is `{role, content, input, train, reasoning_content, tool_calls, name,
-tool_call_id}`; a field a message lacks is null. What a message holds beyond its text (reasoning,
+tool_call_id, inline_reasoning}`; a field a message lacks is null. `inline_reasoning` keeps the exact text
+an answer's `<think>` block took in the data (`content` is what follows it), so a template can be given
+the turn as the user wrote it. What a message holds beyond its text (reasoning,
 tool calls, the results that answer them) is read by `messages`; this module finds the format, the
 columns and the turns. Tool calls, `tools` and per-row `chat_template_kwargs` are stored as JSON
 text: their arguments and schemas are arbitrary JSON, which Arrow cannot hold as typed columns.
@@ -31,7 +33,8 @@ ROLES = ("system", "user", "assistant", "tool")
 
 MESSAGE_FEATURES = {"role": Value("string"), "content": Value("string"), "input": Value("string"),
                     "train": Value("bool"), "reasoning_content": Value("string"),
-                    "tool_calls": Value("string"), "name": Value("string"), "tool_call_id": Value("string")}
+                    "tool_calls": Value("string"), "name": Value("string"), "tool_call_id": Value("string"),
+                    "inline_reasoning": Value("string")}
 CANONICAL_FEATURES = Features({
     "messages": List(MESSAGE_FEATURES),
     "tools": Value("string"),
@@ -280,24 +283,28 @@ _CONVERTERS = {"alpaca": _alpaca, "instruction": _instruction, "sharegpt": _shar
 # ---------------------------------------------------------------- shared pieces
 
 def _add(messages, role, content, *, input=None, train=None, reasoning=None, calls=None, name=None,
-         call_id=None):
+         call_id=None, inline=None):
     if role == "system" and (content is None or not content.strip()):
         return
     messages.append({"role": role, "content": content, "input": input, "train": train,
                      "reasoning_content": reasoning,
                      "tool_calls": json.dumps(calls, ensure_ascii=False) if calls else None,
-                     "name": name, "tool_call_id": call_id})
+                     "name": name, "tool_call_id": call_id, "inline_reasoning": inline})
 
 
 def _add_answer(messages, content, reasoning, at, field, **extra):
     """An assistant message, its reasoning taken out of the text when the text carries it."""
+    written = content
     content, inline = split_reasoning(content, at, field)
     if reasoning is not None and inline is not None and reasoning.strip() != inline.strip():
         raise at.error("reasoning is given both in a field and inside the text, and they differ", field,
                        hint="Keep one of them")
     reasoning = reasoning if reasoning is not None else inline
+    # A `<think>` block's exact text (the answer is what follows it); Sky-T1's markers are not kept.
+    think = inline is not None and written.lstrip().startswith("<think>") and written.endswith(content)
+    block = written[: len(written) - len(content)] if think else None
     _add(messages, "assistant", content, reasoning=reasoning if reasoning and reasoning.strip() else None,
-         **extra)
+         inline=block if reasoning and reasoning.strip() else None, **extra)
 
 
 def _required(row, field, at):

@@ -9,9 +9,11 @@ merges across the start of a turn; where the whole text would merge there (Qwen3
 at every turn is split per turn. The verifier then proves, per example, that the trained tokens
 decode to exactly each trained turn as the template rendered it, that each turn ends with its stop
 (the template's declared end of turn, else a special token: a turn with none, as on GLM-4, trains the
-special token the template prints next, or EOS), that every tool call of the turn is printed inside
-it, and that no trained token lies inside a system, user or tool message. An example that fails is
-dropped with its reason, never trained on.
+special token the template prints next, or EOS when the turn ends its example; a multi-turn row whose
+turns end with none, as a chatml template's `<|im_end|>` on a vocabulary without it, is split per
+turn so that each gets its EOS), that every tool call of the turn is printed inside it, and that no
+trained token lies inside a system, user or tool message. An example that fails is dropped with its
+reason, never trained on. Every split example notes why it was split.
 """
 from __future__ import annotations
 
@@ -137,6 +139,14 @@ class _Ex:
     enc: object = None
 
 
+AS_WRITTEN = "reasoning the data wrote inline given to the template as written (it prints none from a reasoning field)"
+_SPLIT_ASKED = "one example per turn: multi_turn: per_turn"
+_SPLIT_TOKENS = "one example per turn: a turn's prompt tokenizes differently inside the whole conversation"
+_SPLIT_WHY = {"end_of_turn_not_trained": "one example per turn: a turn ends with no special token of this tokenizer "
+                                         "(the template's end of turn is plain text to it), so each ends an example, "
+                                         "where EOS is appended"}
+
+
 class _Masker:
     def __init__(self, tokenizer, opts: MaskOptions):
         self.tok, self.opts = tokenizer, opts
@@ -164,7 +174,23 @@ class _Masker:
         return [_truncate(row, self.opts) if row["drop"] is None else row for row in out]
 
     # ------------------------------------------------ rows -> examples (text and spans)
-    def _examples(self, r, messages, tools, text, kwargs, per_turn=False) -> list[_Ex]:
+    def _examples(self, r, messages, tools, text, kwargs, split_why=None) -> list[_Ex]:
+        """The row's examples; `split_why` (a note for the summary) asks for one example per trained turn.
+        Reasoning goes to the template in its fields; where the data wrote it inline and the template prints
+        none of it from there (R1-Distill and QwQ read only `<think>` in content), the row is rendered as the
+        user wrote it, and what the template prints of it is trained. That view must keep what the other did."""
+        out = self._build(r, messages, tools, text, kwargs, split_why, False)
+        inline = text is None and any(m.get("inline_reasoning") for m in messages)
+        if not inline or not any(ex.reasoning[1] for ex in out):
+            return out
+        written = self._build(r, messages, tools, text, kwargs, split_why, True)
+        if sum(ex.reason is None for ex in written) < sum(ex.reason is None for ex in out):
+            return out
+        for ex in written:
+            ex.notes.append(AS_WRITTEN)
+        return written
+
+    def _build(self, r, messages, tools, text, kwargs, split_why, as_written) -> list[_Ex]:
         o = self.opts
         if text is not None:  # plain text: the whole sequence is trained, EOS included
             eos = self.tok.eos_token or ""
@@ -172,7 +198,7 @@ class _Masker:
         bad = self._special_text(messages, tools)
         if bad:
             return [_Ex(r, n_messages=len(messages), reason=bad)]
-        tmsgs = chat_messages(messages, reasoning=o.reasoning)
+        tmsgs = chat_messages(messages, reasoning=o.reasoning, as_written=as_written)
         schemas = json.loads(tools) if tools else None  # parsed once for every render of the row
         kw = {**self.specials, **(json.loads(kwargs) if kwargs else {})}
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -183,11 +209,15 @@ class _Masker:
             if o.train_on_inputs:
                 full = templates.render(o.template, tmsgs, schemas, **kw)
                 return [_Ex(r, full, len(messages), runs=[(False, (0, len(full)), (False, False))])]
-            found = self._render(tmsgs, schemas, trained, per_turn, kw)
+            found = self._render(tmsgs, schemas, trained, split_why is not None, kw)
         except templates.TurnError as e:
             return [_Ex(r, n_messages=len(messages), reason=e.args)]
         except Exception as e:  # a template that raises on this row (raise_exception, a jinja error)
             return [_Ex(r, n_messages=len(messages), reason=("template_error", f"{type(e).__name__}: {e}"))]
+        why = split_why or (_SPLIT_ASKED if o.multi_turn == "per_turn" else None)
+        for ex in found if why else ():
+            if ex.split:
+                ex.notes.append(why)
         extra = [i for i, m in enumerate(messages) if m["role"] != "assistant" and m["train"]]
         out = []
         for k, ex in enumerate(found):
@@ -196,7 +226,10 @@ class _Masker:
             out.append(self._spans(r, ex, messages, tmsgs, schemas, kw, mine))
         if len(out) == 1 and len(found[0].spans) > 1 and out[0].reason and o.multi_turn == "auto":
             # One turn the template can't print must not cost the row's other turns: one example each.
-            return self._examples(r, messages, tools, text, kwargs, per_turn=True)
+            reason = out[0].reason[0]
+            why = _SPLIT_WHY.get(reason, f"one example per turn: a turn cannot be trained inside the whole "
+                                         f"conversation ({reason})")
+            return self._build(r, messages, tools, text, kwargs, why, as_written)
         return out
 
     def _render(self, tmsgs, tools, trained, per_turn, kw):
@@ -242,7 +275,12 @@ class _Masker:
         n_reasoning = [0, 0]
         for i, (s, e) in sorted(ex.spans.items()):
             if not o.end_of_turn:
-                e = self._stop(out, i, e, tmsgs, tools, kw)
+                stop = self._stop(out, i, e, tmsgs, tools, kw)
+                if stop is None and o.verify:  # multi_turn auto splits the row: each turn then ends its example
+                    out.reason = ("end_of_turn_not_trained", f"assistant message {i} ends with no special token "
+                                  "and the example goes on after it (EOS can only end an example)")
+                    return out
+                e = e if stop is None else stop
             msg = messages[i]
             problem = self._check_turn(out.text[s:e], msg, tmsgs[i].get("tool_calls", ())) if o.verify else None
             if problem:
@@ -261,9 +299,11 @@ class _Masker:
         out.reasoning = tuple(n_reasoning)
         return out
 
-    def _stop(self, out, i, e, tmsgs, tools, kw) -> int:
+    def _stop(self, out, i, e, tmsgs, tools, kw) -> int | None:
         """Where turn i ends: at its own special token, else through the special token the template prints
-        next (GLM-4's next role token), else through an EOS appended to the example."""
+        next (GLM-4's next role token), else through an EOS appended to the example when the turn ends it;
+        None when none of these: the template's end of turn is plain text to this tokenizer (a chatml
+        template on GPT-2's vocabulary) and other text follows."""
         text = out.text
         if any(text.endswith(t, 0, e) for t in self.stop_texts):
             return e
@@ -277,7 +317,7 @@ class _Masker:
             out.quiet = [(k, shift(span)) for k, span in out.quiet]
             return e + len(stop)
         stop = self._leading_stop(rest)
-        return e + len(stop) if stop else e
+        return e + len(stop) if stop else None
 
     def _leading_stop(self, rest: str) -> str | None:
         """Whitespace then a special token at the start of `rest`, or None."""
@@ -337,7 +377,7 @@ class _Masker:
                     ex.reason = ("prompt_tokenized_differently", "a turn's prompt tokenizes differently on its "
                                  "own (multi_turn: joint keeps the row whole)")
             rows = set()
-        fresh = {r: self._examples(r, *(columns[c][r] for c in columns), per_turn=True) for r in sorted(rows)}
+        fresh = {r: self._examples(r, *(columns[c][r] for c in columns), split_why=_SPLIT_TOKENS) for r in sorted(rows)}
         self._encode([ex for exs in fresh.values() for ex in exs])
         check = [ex for ex in redo if len(ex.starts) == 1] + [ex for exs in fresh.values() for ex in exs]
         for ex in check:

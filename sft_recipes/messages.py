@@ -263,17 +263,22 @@ def _without_nulls(value):
 
 # ---------------------------------------------------------------- what templates receive
 
-def chat_messages(messages, *, reasoning: str = "keep") -> list[dict]:
+def chat_messages(messages, *, reasoning: str = "keep", as_written: bool = False) -> list[dict]:
     """Stored messages as templates read them: OpenAI-shaped dicts holding only the keys that have a
     value (templates test `'tool_calls' in message`), tool calls parsed, and the reasoning under each
     name released templates read (`reasoning_content`: Qwen, GLM, DeepSeek; `thinking`: gpt-oss;
-    `reasoning`). `reasoning="drop"` leaves it out."""
+    `reasoning`). `reasoning="drop"` leaves it out. `as_written`: an answer whose reasoning the data
+    wrote inline gets it back in its content, exactly as written, and no reasoning field (templates
+    that read reasoning only from content: DeepSeek-R1-Distill, QwQ)."""
     out = []
     for m in messages:
         msg = {"role": m["role"], "content": m["content"]}
+        inline = m.get("inline_reasoning") if reasoning == "keep" else None
         if m.get("input") is not None:
             msg["input"] = m["input"]
-        if m.get("reasoning_content") is not None and reasoning == "keep":
+        if inline is not None and as_written:
+            msg["content"] = inline + m["content"]
+        elif m.get("reasoning_content") is not None and reasoning == "keep":
             msg.update(dict.fromkeys(REASONING_KEYS, m["reasoning_content"]))
         if m.get("tool_calls"):
             msg["tool_calls"] = json.loads(m["tool_calls"])

@@ -179,14 +179,25 @@ def examples(source: str, messages: list[dict], tools, trained: list[int], *, pe
             if joint:
                 return [joint]
             _refuse_if(joint_only)
-        return [_turn_marked(source, messages[: i + 1], tools, i, trust_markers, kwargs, split) for i in trained]
+        return [_noted(_turn_marked(source, messages[: i + 1], tools, i, trust_markers, kwargs, split), per_turn)
+                for i in trained]
     turns = {i: _turn(source, messages, tools, i, kwargs) for i in trained}
     if not per_turn or not split:
         joint = _joint(source, messages, tools, turns, kwargs)
         if joint:
             return [joint]
         _refuse_if(joint_only)
-    return [Example(t.text, i + 1, {i: t.span}, split, t.notes) for i, t in turns.items()]
+    return [_noted(Example(t.text, i + 1, {i: t.span}, split, list(t.notes)), per_turn) for i, t in turns.items()]
+
+
+SPLIT_REWRITES = "one example per turn: the template prints earlier turns differently once later ones exist"
+
+
+def _noted(example, asked):
+    """A split the template caused (not the caller) says so, for the summary."""
+    if example.split and not asked:
+        example.notes.append(SPLIT_REWRITES)
+    return example
 
 
 def _refuse_if(joint_only):

@@ -36,14 +36,18 @@ def pieces(message: dict) -> list[str]:
     return [content]
 
 
-def as_template_messages(messages, args_as_text=False) -> list[dict]:
+def as_template_messages(messages, args_as_text=False, as_written=False) -> list[dict]:
     """Stored messages as OpenAI-style dicts: only keys with a value, tool calls parsed (their arguments
     as JSON text for templates that concatenate them as text). transformers itself copies
-    `reasoning_content` to the names other templates read."""
+    `reasoning_content` to the names other templates read. `as_written`: an answer whose `<think>` block
+    the data wrote inline gets its content back as the user wrote it."""
     out = []
     for m in messages:
         msg = {k: m[k] for k in ("role", "content", "input", "reasoning_content", "name", "tool_call_id")
                if m.get(k) is not None}
+        if as_written and m.get("inline_reasoning"):
+            msg["content"] = m["inline_reasoning"] + m["content"]
+            del msg["reasoning_content"]
         if m.get("tool_calls"):
             msg["tool_calls"] = json.loads(m["tool_calls"])
             for call in msg["tool_calls"] if args_as_text else ():
@@ -52,9 +56,10 @@ def as_template_messages(messages, args_as_text=False) -> list[dict]:
     return out
 
 
-def render(tokenizer, messages, tools, source, add_generation_prompt=False, args_as_text=False, **kwargs) -> str:
+def render(tokenizer, messages, tools, source, add_generation_prompt=False, args_as_text=False, as_written=False,
+           **kwargs) -> str:
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    return tokenizer.apply_chat_template(as_template_messages(messages, args_as_text), tools=tools,
+    return tokenizer.apply_chat_template(as_template_messages(messages, args_as_text, as_written), tools=tools,
                                          chat_template=source, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
@@ -132,6 +137,8 @@ def check_row(row, tokenizer, source, *, end_of_turn=None, trained=None, exact_d
     kw = {**(kwargs or {}), **json.loads(row.get("chat_template_kwargs") or "{}")}
     if any("arguments as JSON text" in n for n in row.get("notes") or ()):
         kw["args_as_text"] = True
+    if any("given to the template as written" in n for n in row.get("notes") or ()):
+        kw["as_written"] = True
     ids, labels, tools = row["input_ids"], row["labels"], row["tools"]
     text = decode(tokenizer, ids)
     assert len(labels) == len(ids)
@@ -194,10 +201,10 @@ def check_row(row, tokenizer, source, *, end_of_turn=None, trained=None, exact_d
 # Everything below uses the library (recipe -> tokenizer -> masked rows); the oracle above does not.
 
 def message(role, content, input=None, train=None, reasoning=None, tool_calls=None, name=None,
-            tool_call_id=None) -> dict:
+            tool_call_id=None, inline_reasoning=None) -> dict:
     return {"role": role, "content": content, "input": input, "train": train, "reasoning_content": reasoning,
             "tool_calls": json.dumps(tool_calls) if tool_calls else None, "name": name,
-            "tool_call_id": tool_call_id}
+            "tool_call_id": tool_call_id, "inline_reasoning": inline_reasoning}
 
 
 def chat(*messages, tools=None, kwargs=None) -> dict:

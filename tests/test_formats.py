@@ -26,9 +26,10 @@ def rows_of(records, fmt, **options):
     return outputs[0]
 
 
-def msg(role, content, input=None, train=None, reasoning=None, calls=None, name=None, call_id=None):
+def msg(role, content, input=None, train=None, reasoning=None, calls=None, name=None, call_id=None, inline=None):
     return {"role": role, "content": content, "input": input, "train": train, "reasoning_content": reasoning,
-            "tool_calls": json.dumps(calls) if calls else None, "name": name, "tool_call_id": call_id}
+            "tool_calls": json.dumps(calls) if calls else None, "name": name, "tool_call_id": call_id,
+            "inline_reasoning": inline}
 
 
 def call(name, arguments, id=None):
@@ -171,7 +172,7 @@ def test_reasoning_from_a_column_and_inline_in_sharegpt():
     assert row["messages"][1] == msg("assistant", "4", reasoning="Add them.")
     row = only([{"conversations": [{"from": "human", "value": "2+2?"},
                                    {"from": "gpt", "value": "<think>\nAdd them.\n</think>\n\n4"}]}], "sharegpt")
-    assert row["messages"][1] == msg("assistant", "4", reasoning="Add them.")
+    assert row["messages"][1] == msg("assistant", "4", reasoning="Add them.", inline="<think>\nAdd them.\n</think>\n\n")
 
 
 def test_unused_fields_are_listed_per_row():

@@ -281,3 +281,62 @@ def test_chat_template_kwargs_from_yaml_and_the_command_line(tmp_path):
     recipe.write_text("model_name_or_path: x\nchat_template_kwargs: {add_generation_prompt: true}\n")
     with pytest.raises(RecipeError, match="cannot set 'add_generation_prompt'"):
         parse_recipe([str(recipe)])
+
+
+# ---------------------------------------------------------------- reasoning the data wrote inline
+INLINE = "reasoning/think_inline_sharegpt.jsonl"
+# Written for this test with QwQ's habit: reasoning read only from `<think>` in content, printed on the
+# final turn as written and cut from earlier turns; the generation prompt opens the think block.
+QWQ_LIKE = (
+    "{%- for m in messages -%}"
+    "{%- set content = m.content -%}"
+    "{%- if m.role == 'assistant' and not loop.last -%}{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}")
+
+
+def raw_conversations(path):
+    """The shared rows as the user wrote them (ShareGPT roles renamed, gpt turns untouched)."""
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    lines = shared_file(path).read_text().splitlines()
+    return [[{"role": roles[t["from"]], "content": t["value"]} for t in json.loads(line)["conversations"]]
+            for line in lines if line.strip()]
+
+
+def inline_turns(ds) -> int:
+    return sum(1 for msgs in ds["messages"] for m in msgs if m["inline_reasoning"])
+
+
+@pytest.mark.parametrize("name", ["deepseek_r1_distill", "qwq_like"])
+def test_inline_reasoning_is_rendered_as_the_user_wrote_it(name):
+    """Templates that read reasoning only from content: each example is exactly what the template renders
+    for the raw row (R1 keeps the "\\n\\n" after </think>), and the reasoning is trained where it prints it
+    (QwQ's last turn: every turn, once split per turn) and counted as unprinted where it does not (R1)."""
+    if name == "qwq_like":
+        tok, source = tokenizer("qwen3"), QWQ_LIKE
+        out = masking.tokenize(conversations(INLINE), tok, masking.MaskOptions(template=source))
+    else:
+        out, tok = masked(name, INLINE)
+        source = tok.chat_template
+    raw, n_inline = raw_conversations(INLINE), inline_turns(conversations(INLINE))
+    assert n_inline and not any(out["drop"]), [d for d in out["detail"] if d][:2]
+    stops = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+    for row in out:
+        want = tok.apply_chat_template(raw[row["row"]][: row["n_messages"]], chat_template=source, tokenize=False)
+        body = want.rstrip()
+        got = decode(tok, row["input_ids"])
+        assert got == want or any(got == body + t + want[len(body):] for t in stops), (row["row"], got[-120:])
+        check_row(row, tok, source)
+    trained, unprinted = sum(out["reasoning_trained"]), sum(out["reasoning_unprinted"])
+    assert (trained, unprinted) == ((n_inline, 0) if name == "qwq_like" else (0, n_inline))
+
+
+def test_inline_reasoning_stays_in_the_reasoning_field_for_templates_that_print_it_from_there():
+    """gpt-oss prints reasoning from `thinking` in its analysis channel: inline rows keep that view, not raw
+    `<think>` text in the final answer."""
+    out, tok = masked("gptoss", INLINE)
+    assert not any(out["drop"]) and not any("as written" in n for notes in out["notes"] for n in notes)
+    assert sum(out["reasoning_trained"]) == inline_turns(conversations(INLINE))
+    assert all("<think>" not in decode(tok, row["input_ids"]) for row in out)

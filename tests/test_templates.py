@@ -297,3 +297,63 @@ def test_every_template_keeps_every_row_of_the_shared_datasets(shared_conversati
     print(f"\n{'template':<10} {'rows':>6} {'kept':>6} refused")  # shown with pytest -s
     for name, (n_kept, refused) in counts.items():
         print(f"{name:<10} {len(ds):>6} {n_kept:>6} {dict(refused) or 0}")
+
+
+# ---------------------------------------------------------------- templates as the community writes them
+# A chatml written with the whitespace between its tags left in (trim_blocks/lstrip_blocks remove only
+# part of it): every message printed indented, blank lines between turns, and a generation prompt that
+# ends with one more newline than the rendered turn has after "assistant\n".
+LOOSE_CHATML = """{% if messages[0]['role'] != 'system' %}
+{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+{% endif %}
+
+{% for message in messages %}
+    {{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '<|im_start|>assistant\\n' }}
+{% endif %}
+"""
+
+
+def n_turn_chats(most=6):
+    return [chat(*[message(role, f"{role} {k}: {'why ' * k}so?") for k in range(n) for role in ("user", "assistant")])
+            for n in range(2, most + 1)]
+
+
+@pytest.mark.parametrize("tokenizer", [GPT2, "qwen3"])
+def test_loose_whitespace_template_keeps_every_multi_turn_row(tokenizer):
+    """Every row and turn kept, each as inference renders it. Qwen3's vocabulary has `<|im_end|>` as a special
+    token: one example per row. GPT-2's has not, so `<|im_end|>` is plain text and only an EOS, which can
+    end an example but not sit inside the template's text, can teach the model to stop: one example per turn."""
+    from conftest import shared_file
+    path = GPT2 if tokenizer == GPT2 else str(shared_file(f"tokenizers/{tokenizer}"))
+    rows = n_turn_chats()
+    out, tok = mask(rows, path, LOOSE_CHATML)
+    assert not any(out["drop"]), [d for d in out["detail"] if d][:2]
+    kept = sorted((row["row"], t) for row in out for t in row["turns"])
+    assert kept == [(r, i) for r, row in enumerate(rows) for i in range(1, len(row["messages"]), 2)]
+    split = tokenizer == GPT2
+    assert all(out["split"]) if split else not any(out["split"])
+    for row in out:
+        text = check_row(row, tok, LOOSE_CHATML)
+        trained = decode(tok, [t for t in row["labels"] if t != -100])
+        assert trained.endswith("<|im_end|>" + (tok.eos_token if split else ""))
+        assert text.startswith("<|im_start|>system\n")
+        assert (masking._SPLIT_WHY["end_of_turn_not_trained"] in row["notes"]) == split, row["notes"]
+
+
+def test_loose_whitespace_template_under_multi_turn_joint_refuses_what_it_cannot_keep_whole():
+    out, _ = mask(n_turn_chats(3), GPT2, LOOSE_CHATML, multi_turn="joint")
+    assert out["drop"] == ["end_of_turn_not_trained"] * 2, out["detail"]
+    assert "ends with no special token and the example goes on" in out["detail"][0]
+
+
+def test_declaring_the_templates_markers_as_special_tokens_keeps_each_row_whole():
+    """The header comment our shipped templates carry works on a user's own: the markers become single special
+    tokens of GPT-2's vocabulary, every turn ends with one, and each row stays one example."""
+    source = "{#- special_tokens: <|im_start|> <|im_end|> -#}\n" + LOOSE_CHATML
+    out, tok = mask(n_turn_chats(), GPT2, source)
+    assert out["drop"] == [None] * 5 and not any(out["split"]), out["detail"]
+    for row in out:
+        check_row(row, tok, source)

@@ -116,7 +116,7 @@ def test_tool_call_accuracy_is_exact_names_and_arguments():
 def stored(messages):
     return [{"role": m["role"], "content": m["content"], "input": None, "train": None, "reasoning_content": None,
              "tool_calls": json.dumps(m["tool_calls"]) if m.get("tool_calls") else None, "name": None,
-             "tool_call_id": None} for m in messages]
+             "tool_call_id": None, "inline_reasoning": None} for m in messages]
 
 
 def test_evaluation_scores_text_answers_and_calls_apart():
