@@ -76,6 +76,7 @@ class Recipe:
     model: ModelConfig
     sft: SFTConfig
     path: str | None = None
+    given: frozenset = frozenset()  # the keys the recipe file and flags set (the rest are defaults)
 
 
 # TRL's own data-preparation keys: sft_recipes hands TRL rows it has tokenized and masked, so setting one of
@@ -131,7 +132,8 @@ def _defaults(recipe_path: str | None) -> dict:
     cuda = torch.cuda.is_available()
     stem = Path(recipe_path).stem if recipe_path else "run"
     return {"output_dir": f"runs/{stem}", "report_to": "none", "use_cpu": not cuda,
-            "bf16": cuda and torch.cuda.is_bf16_supported(), "activation_checkpointing": cuda,
+            "bf16": cuda and torch.cuda.is_bf16_supported(),
+            "activation_checkpointing": False,  # unless set, decided from a memory estimate (fit.py)
             "dataloader_pin_memory": cuda, "ddp_find_unused_parameters": False}
 
 
@@ -201,8 +203,9 @@ def parse_recipe(argv: list[str] | None = None, cli: str = "command line") -> Re
     cli_keys = [k.replace("-", "_") for k in flag_keys(argv)]
     parser = _Parser((ScriptArguments, ModelConfig, SFTConfig))
     parser.set_defaults(**_defaults(path))
+    given = set(cli_keys)
     if path:
-        _read_yaml(path)  # clear errors for missing/malformed files before TRL reads it
+        given |= set(_read_yaml(path))  # clear errors for missing/malformed files before TRL reads it
         argv = ["--config", path, *argv]
     try:
         data, model, sft, from_yaml, from_cli = parser.parse_args_and_config(
@@ -217,7 +220,7 @@ def parse_recipe(argv: list[str] | None = None, cli: str = "command line") -> Re
         # datasets 5.2 starts a one-worker pool for num_proc=1: tokenizer pickled over, and Rust
         # tokenization single-threaded in the worker (1.4x slower on 2 cores); None works in-process.
         sft.dataset_num_proc = None
-    recipe = Recipe(data=data, model=model, sft=sft, path=path)
+    recipe = Recipe(data=data, model=model, sft=sft, path=path, given=frozenset(given))
     _check_values(recipe)
     return recipe
 
@@ -278,6 +281,7 @@ def load_recipe(path: str | None = None, **overrides) -> Recipe:
     for key, value in overrides.items():
         if isinstance(value, kept):
             setattr(next(o for o in (recipe.data, recipe.model, recipe.sft) if hasattr(o, key)), key, value)
+            recipe.given |= {key}
     return recipe
 
 

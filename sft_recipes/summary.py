@@ -96,6 +96,8 @@ def print_summary(trainer, console: Console | None = None):
     head.add_row("batch", f"{effective} = {args.per_device_train_batch_size} per device x "
                           f"{args.gradient_accumulation_steps} accumulation x {world} processes")
     head.add_row("launch", launched(trainer.accelerator))
+    if getattr(trainer, "fit_notes", None):
+        head.add_row("defaults", "; ".join(trainer.fit_notes))
     head.add_row("steps", f"{steps:,} ({rows:,} {'packed blocks' if args.packing else 'examples'}, "
                           f"{per_epoch:,} steps/epoch)")
     head.add_row("output", args.output_dir)
