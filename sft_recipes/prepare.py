@@ -36,7 +36,7 @@ from .models import load_tokenizer
 logger = logging.getLogger("sft_recipes")
 PROG = "python -m sft_recipes.prepare"
 MANIFEST = "manifest.json"
-_OURS = {MANIFEST, "train", "eval", ".parts"}  # what a prepared folder may hold
+_OURS = {MANIFEST, f"{MANIFEST}.tmp", "train", "eval", ".parts"}  # what a prepared folder may hold
 _NOT_ROWS = {"early_stopping_patience", "overwrite_output_dir", "dataset_prepared_path"}  # data keys that change no row
 _SFT_KEYS = ("seed", "max_length")  # the training keys that do (mixture order and split; truncation)
 _CODE = ("sources.py", "formats.py", "messages.py", "tool_calls.py", "cleaning.py", "templates.py", "masking.py")
@@ -183,6 +183,7 @@ def prepare(recipe: Recipe, tokenizer):
     `dataset_prepared_path`, replacing what an earlier `prepare` wrote there. Returns (train, eval or None, stats)."""
     folder, state = _folder(recipe), PartialState()
     parts = folder / ".parts" if state.num_processes > 1 else None
+    _refuse_foreign(folder)  # on every process, so none is left waiting for one that stopped
     if state.is_main_process:
         _clear(folder)
     state.wait_for_everyone()
@@ -257,15 +258,17 @@ def _folder(recipe: Recipe) -> Path:
     return Path(path)
 
 
-def _clear(folder: Path):
-    """Make way for a new preparation, refusing a folder that holds anything a preparation did not write."""
+def _refuse_foreign(folder: Path):
+    """A preparation replaces only what an earlier one wrote: a folder holding anything else is refused."""
     if folder.exists() and not folder.is_dir():
         raise RecipeError(f"dataset_prepared_path {folder} is a file; give a folder")
-    others = sorted(p.name for p in folder.iterdir() if p.name not in _OURS and p.name != f"{MANIFEST}.tmp") \
-        if folder.is_dir() else []
+    others = sorted(p.name for p in folder.iterdir() if p.name not in _OURS) if folder.is_dir() else []
     if others:
         raise RecipeError(f"dataset_prepared_path {folder} holds files `prepare` did not write "
                           f"({', '.join(others[:3])}); give an empty or new folder")
+
+
+def _clear(folder: Path):
     for name in _OURS:
         target = folder / name
         if target.is_dir():
