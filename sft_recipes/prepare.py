@@ -22,9 +22,9 @@ from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
-from accelerate import PartialState
 import pyarrow as pa
 import pyarrow.compute as pc
+from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 
@@ -241,10 +241,11 @@ def _check(saved: dict, now: dict, folder: Path):
         if old.get(key) != new.get(key):
             raise RecipeError(f"dataset_prepared_path {folder} was prepared with {key}: {json.dumps(old.get(key))}, "
                               f"this recipe has {key}: {json.dumps(new.get(key))}; {again}")
-    for key, what in (("tokenizer", "the tokenizer"), ("chat_template", "the chat template")):
+    for key in ("tokenizer", "chat_template"):
         if saved.get(key) != now[key]:
-            raise RecipeError(f"dataset_prepared_path {folder} was prepared with another {key} ({what} of "
-                              f"{saved.get('model_name_or_path')}, now {now['model_name_or_path']}); {again}")
+            raise RecipeError(f"dataset_prepared_path {folder} was prepared with another {key.replace('_', ' ')} "
+                              f"(model_name_or_path {saved.get('model_name_or_path')} then, "
+                              f"{now['model_name_or_path']} now); {again}")
     if saved.get("code") != now["code"] and PartialState().is_main_process:
         logger.warning("%s was prepared by other sft_recipes code (%s); if the masking changed, prepare again",
                        folder, saved.get("sft_recipes"))
