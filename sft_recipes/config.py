@@ -13,6 +13,7 @@ import torch
 import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
+from . import paths
 from .cleaning import DEDUP, CleanOptions
 from .errors import RecipeError
 from .messages import check_kwargs
@@ -221,6 +222,8 @@ def parse_recipe(argv: list[str] | None = None, cli: str = "command line") -> Re
         # tokenization single-threaded in the worker (1.4x slower on 2 cores); None works in-process.
         sft.dataset_num_proc = None
     recipe = Recipe(data=data, model=model, sft=sft, path=path, given=frozenset(given))
+    if path:
+        paths.resolve(recipe, set(cli_keys))  # the recipe's relative paths: beside it when they exist there
     _check_values(recipe)
     return recipe
 

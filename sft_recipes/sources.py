@@ -273,7 +273,8 @@ def _local_files(spec: DatasetSpec) -> list[str] | None:
         files = [str(Path(path).expanduser())]
     elif _looks_like_path(path):
         raise data_error(path, "file not found",
-                         hint=f"Relative paths start from {Path.cwd()}")
+                         hint=f"A relative path starts from the recipe's folder when it exists there, else from "
+                              f"the working directory, {Path.cwd()}")
     else:
         return None
     kinds = {_BUILDERS.get(Path(f).suffix.lower()) for f in files}

@@ -217,6 +217,40 @@ def test_library_api_trains_without_the_cli(tmp_path):
     assert (tmp_path / "lib2" / "config.json").is_file()
 
 
+def test_a_recipes_relative_paths_start_beside_it_when_they_exist_there(tmp_path, monkeypatch):
+    """Beside the recipe first, else the working directory; flags typed on the command line mean the working
+    directory; names that are no file (Hub ids, template names, tiny:gpt2) are left alone."""
+    from sft_recipes.config import parse_recipe
+
+    folder = tmp_path / "recipes"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "a.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n')
+    (folder / "data" / "b.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n')
+    (folder / "t.jinja").write_text("{{ messages }}")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "c.jsonl").write_text('{"instruction": "Hi", "output": "Hello"}\n')
+    recipe = folder / "r.yaml"
+    recipe.write_text("model_name_or_path: tiny:gpt2\nchat_template: t.jinja\ndatasets:\n  - path: data/a.jsonl\n"
+                      "  - path: c.jsonl\n  - path: org/hub-name\n  - {path: json, data_files: [data/*.jsonl]}\n"
+                      "eval_datasets: [data/b.jsonl]\n")
+    monkeypatch.chdir(tmp_path / "work")
+    r = parse_recipe([str(recipe)])
+    assert r.data.chat_template == str(folder / "t.jinja") and r.model.model_name_or_path == "tiny:gpt2"
+    assert r.data.datasets == [{"path": str(folder / "data" / "a.jsonl")}, {"path": "c.jsonl"},
+                               {"path": "org/hub-name"}, {"path": "json", "data_files": [str(folder / "data" / "*.jsonl")]}]
+    assert r.data.eval_datasets == [str(folder / "data" / "b.jsonl")]
+    flagged = parse_recipe([str(recipe), "--datasets", "data/a.jsonl", "--chat_template", "t.jinja"])
+    assert flagged.data.datasets == ["data/a.jsonl"] and flagged.data.chat_template == "t.jinja"
+
+
+def test_a_shipped_recipe_runs_from_another_folder(tmp_path):
+    """`cd /tmp && python -m sft_recipes.inspect /path/recipes/tiny_alpaca.yaml`: its data is found beside it."""
+    proc = subprocess.run([sys.executable, "-m", "sft_recipes.inspect", str(ROOT / TINY), "-n", "0"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: tokens per row" in proc.stdout
+
+
 def test_saved_recipe_reloads_to_the_same_run(tiny_run):
     from sft_recipes.config import changed_values, load_recipe
 
