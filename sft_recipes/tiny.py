@@ -1,8 +1,8 @@
 """The embedded offline default: a small Alpaca task set, multi-turn chats with tool calls made of the
 same tasks, and a tiny GPT-2 built locally from the tasks.
 
-`python -m sft_recipes.tiny --write-data` regenerates recipes/data/tiny_tasks.json and
-recipes/data/tiny_chats.jsonl (the shipped files; this generator documents how they were made).
+`python -m sft_recipes.tiny --write-data` regenerates the shipped files in recipes/data (`WRITTEN`; this
+generator documents how they were made).
 `tiny_model_path()` builds the model on first use, into the cache (`cache_root`, `build_once`; GGUF
 conversions are cached the same way).
 """
@@ -350,12 +350,16 @@ def build_once(target: Path, build, note: str) -> Path:
     return target
 
 
+WRITTEN = (DATA_FILE, CHATS_FILE, TOOLS_FILE, *IDENTITY_FILES)  # what --write-data writes; its help lists them
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.tiny", description=(
-        "Regenerate the embedded default's shipped data: recipes/data/tiny_tasks.json (Alpaca tasks) and "
-        "recipes/data/tiny_chats.jsonl (multi-turn ShareGPT with tool calls). The tiny model itself "
+        f"Regenerate the shipped data in recipes/data: {', '.join(p.name for p in WRITTEN)} (Alpaca tasks, "
+        "ShareGPT chats, tool-call chats, SmolLM2 identity rows). The tiny model itself "
         "(`model_name_or_path: tiny:gpt2`) builds on first use."))
-    parser.add_argument("--write-data", action="store_true", help="write both files (they are deterministic)")
+    parser.add_argument("--write-data", action="store_true",
+                        help=f"write the {len(WRITTEN)} files (they are deterministic)")
     if not parser.parse_args(argv).write_data:
         parser.error("nothing to do: pass --write-data")
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -364,8 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     TOOLS_FILE.write_text(_dump_lines(generate_tool_chats()), "utf-8")
     for path, rows in zip(IDENTITY_FILES, generate_identity()):
         path.write_text(_dump_lines(rows), "utf-8")
-    written = [DATA_FILE, CHATS_FILE, TOOLS_FILE, *IDENTITY_FILES]
-    print(f"wrote {', '.join(p.name for p in written)} in {DATA_FILE.parent}", file=sys.stderr)
+    print(f"wrote {', '.join(p.name for p in WRITTEN)} in {DATA_FILE.parent}", file=sys.stderr)
 
 
 if __name__ == "__main__":

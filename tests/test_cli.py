@@ -111,6 +111,18 @@ def test_tiny_help_and_no_arguments():
     assert "--write-data" in error_line(command("tiny"))
 
 
+def test_tiny_help_names_every_file_it_writes(capsys):
+    """Every shipped data file is tiny's output, and its --help names each of them."""
+    from sft_recipes import tiny
+
+    with pytest.raises(SystemExit):
+        tiny.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shipped = sorted(p.name for p in (ROOT / "recipes" / "data").iterdir())
+    assert sorted(p.name for p in tiny.WRITTEN) == shipped
+    assert all(name in text for name in shipped), text
+
+
 # ---------------------------------------------------------------- every flag used or refused
 class Reads(argparse.Namespace):
     """Parsed options that remember which of them the command looked at (kept outside, so `vars()` is clean)."""
