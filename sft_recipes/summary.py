@@ -56,7 +56,7 @@ def data_notes(stats: dict) -> list[str]:
         if st["split_rows"]:
             base = st["tokens"] - st["split_extra_tokens"]
             lines.append(f"{split}: {st['split_rows']:,} rows trained as one example per turn ({st['split_examples']:,} "
-                         f"examples; the template prints earlier turns differently once later ones exist): "
+                         f"examples; the 'one example per turn' notes below say why): "
                          f"+{st['split_extra_tokens']:,} tokens, {st['split_extra_tokens'] / max(base, 1):.1%} more")
         if st["reasoning_trained"] or st["reasoning_unprinted"]:
             lines.append(f"{split}: reasoning trained on {st['reasoning_trained']:,} turns"

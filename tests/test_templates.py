@@ -341,6 +341,10 @@ def test_loose_whitespace_template_keeps_every_multi_turn_row(tokenizer):
         assert trained.endswith("<|im_end|>" + (tok.eos_token if split else ""))
         assert text.startswith("<|im_start|>system\n")
         assert (masking._SPLIT_WHY["end_of_turn_not_trained"] in row["notes"]) == split, row["notes"]
+    from sft_recipes import prepare, sources, summary
+    notes = summary.data_notes({"train": prepare._stats(out, sources.Drops())})
+    assert any(line.startswith("train: 5 rows trained as one example per turn (20 examples") for line in notes) == split
+    assert any("20 examples: one example per turn: a turn ends with no special token" in n for n in notes) == split
 
 
 def test_loose_whitespace_template_under_multi_turn_joint_refuses_what_it_cannot_keep_whole():
