@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 # Messages of the stack under us that need no action: muted while one of our commands runs.
@@ -87,10 +89,10 @@ def cli(main):
             with _quiet():
                 return main(*args, **kwargs)
         except RecipeError as e:
-            print(f"error: {e}", file=sys.stderr)
+            say_once(f"error: {e}")
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            say_once("interrupted")
             sys.exit(130)
         except BrokenPipeError:
             reader_gone()
@@ -98,6 +100,23 @@ def cli(main):
             flush_stdout()
 
     return guarded
+
+
+def say_once(line: str):
+    """`line` on stderr, once per machine under `accelerate launch`/torchrun: every process meets the same recipe
+    error, and the first to fail with it prints it (a different error, e.g. in one rank's data shard, prints
+    too). The marker lives in the launch's own temp folder (beside each rank's TORCHELASTIC_ERROR_FILE), which
+    the launcher removes."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        marker = Path(error_file).parents[1] / f"sft_recipes-said-{hashlib.sha1(line.encode()).hexdigest()[:16]}"
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process of this launch said it
+        except OSError:
+            pass  # no folder to mark in: say it
+    print(line, file=sys.stderr)
 
 
 def flush_stdout():

@@ -149,3 +149,22 @@ def test_load_recipe_takes_none_as_the_value_itself(monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert load_recipe("recipes/tiny_alpaca.yaml", chat_template=None).data.chat_template is None
+
+
+def test_under_a_launcher_each_error_is_said_once_per_machine(tmp_path, monkeypatch, capsys):
+    """Two processes of one launch (their TORCHELASTIC_ERROR_FILEs share the launch's folder) failing with the same
+    line: the first says it, the second stays silent; a different line is still said; without a launcher,
+    every call says it."""
+    from sft_recipes.errors import say_once
+
+    for rank in (0, 1):
+        (tmp_path / "attempt_0" / str(rank)).mkdir(parents=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank, line in ((0, "error: x"), (1, "error: x"), (1, "error: y")):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "attempt_0" / str(rank) / "error.json"))
+        say_once(line)
+    assert capsys.readouterr().err == "error: x\nerror: y\n"
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    say_once("error: x")
+    say_once("error: x")
+    assert capsys.readouterr().err == "error: x\nerror: x\n"

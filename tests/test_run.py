@@ -205,6 +205,17 @@ def test_two_cpu_processes_train_together(tmp_path):
     assert (tmp_path / "mp" / "model.safetensors").is_file()
 
 
+def test_a_recipe_error_under_two_processes_is_said_once():
+    """Every process meets the same mistake; one line says it. (torch elastic's launcher then prints its own
+    ChildFailedError report, as for any process that exits non-zero: that part is not ours to remove.)"""
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "-m", "sft_recipes.run", TINY, "--lerning_rate", "1e-3"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert said == ["error: command line: unknown key 'lerning_rate'; did you mean 'learning_rate'?"], proc.stderr
+
+
 def test_library_api_trains_without_the_cli(tmp_path):
     from sft_recipes import build_trainer, load_recipe, train
 
