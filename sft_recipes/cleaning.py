@@ -28,8 +28,8 @@ from datasets.fingerprint import Hasher
 from datasketch import MinHash, MinHashLSH
 
 from .errors import RecipeError
+from .keys import DEDUP
 
-DEDUP = ("none", "exact", "near")
 REASONS = ("too_few_turns", "too_many_turns", "response_too_short", "response_too_long", "eval_overlap",
            "duplicate", "near_duplicate")
 _KEYS = {"too_few_turns": "min_turns", "too_many_turns": "max_turns", "response_too_short": "min_response_chars",

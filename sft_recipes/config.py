@@ -6,7 +6,7 @@ import argparse
 import difflib
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -14,61 +14,12 @@ import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from . import paths
-from .cleaning import DEDUP, CleanOptions
+from .cleaning import CleanOptions
 from .errors import RecipeError
 from .messages import check_kwargs
-from .masking import MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
+from .keys import LIST_KEYS as _LIST_KEYS, MAP_KEYS as _MAP_KEYS, MULTI_TURN, REASONING, TRAIN_ON, TRUNCATION
+from .keys import ScriptArguments, flag_keys, recipe_help_parser  # noqa: F401  (in keys.py: light to import)
 from .sources import flag_value
-
-
-@dataclass
-class ScriptArguments:
-    datasets: list[dict] = field(default_factory=list, metadata={
-        "help": "Training data: a list of {path, format, split, name, data_files, weight, columns, roles}."})
-    eval_datasets: list[dict] = field(default_factory=list, metadata={"help": "Separate evaluation data, same keys."})
-    eval_split: float = field(default=0.0, metadata={"help": "Fraction of the training rows held out for eval."})
-    chat_template: str | None = field(default=None, metadata={
-        "help": "A shipped template name, a .jinja path, inline Jinja, or `tokenizer` (the model's own)."})
-    train_on: str = field(default="all_assistant", metadata={"help": "Which assistant turns are trained.",
-                                                             "choices": list(TRAIN_ON)})
-    train_on_inputs: bool = field(default=False, metadata={"help": "Train on every token, prompts included."})
-    truncation: str = field(default="keep_start", metadata={"help": "Policy for rows over max_length.",
-                                                            "choices": list(TRUNCATION)})
-    verify_masks: bool = field(default=True, metadata={"help": "Prove every row's mask; refuse rows that fail."})
-    multi_turn: str = field(default="auto", metadata={
-        "help": "auto: one example per row when the template is prefix-stable on it, else one per trained turn; "
-                "joint: always one (rows it cannot keep whole are refused); per_turn: always one per turn.",
-        "choices": list(MULTI_TURN)})
-    reasoning: str = field(default="keep", metadata={
-        "help": "keep: assistant reasoning goes to the template; drop: removed before rendering.",
-        "choices": list(REASONING)})
-    train_on_reasoning: bool = field(default=True, metadata={
-        "help": "Train the reasoning tokens the template prints (false: leave them at -100, train the answer)."})
-    chat_template_kwargs: dict = field(default_factory=dict, metadata={
-        "help": "Passed to every render, e.g. {enable_thinking: false} or {reasoning_effort: high}; a row's own "
-                "`chat_template_kwargs` column overrides them."})
-    strict: bool = field(default=False, metadata={"help": "Any dropped or refused row is an error."})
-    dataset_prepared_path: str | None = field(default=None, metadata={
-        "help": "A folder of masked rows: `sft-recipes prepare` writes it, `run` reads it instead of masking again "
-                "(preparing it first when empty); a recipe that would make other rows is refused."})
-    early_stopping_patience: int | None = field(default=None, metadata={
-        "help": "Stop after this many evaluations without improvement of `metric_for_best_model` (eval loss)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Train again into an output_dir that already holds a finished model (else refused)."})
-    # cleaning (sft_recipes/cleaning.py): after mixing, before masking; every removal counted by reason
-    dedup: str = field(default="exact", metadata={
-        "help": "Remove repeated rows: none, exact (same after normalising whitespace and case) or near (MinHash).",
-        "choices": list(DEDUP)})
-    dedup_threshold: float = field(default=0.9, metadata={"help": "Jaccard similarity that makes a near duplicate."})
-    decontaminate: bool | None = field(default=None, metadata={
-        "help": "Drop training rows that copy or share an n-gram with an eval row (default: on with eval rows)."})
-    decontaminate_ngram: int = field(default=13, metadata={"help": "Words in the n-grams of `decontaminate`."})
-    min_turns: int | None = field(default=None, metadata={"help": "Drop rows with fewer user turns."})
-    max_turns: int | None = field(default=None, metadata={"help": "Drop rows with more user turns."})
-    min_response_chars: int | None = field(default=None, metadata={
-        "help": "Drop rows whose assistant text (all turns) is shorter."})
-    max_response_chars: int | None = field(default=None, metadata={
-        "help": "Drop rows whose assistant text (all turns) is longer."})
 
 
 @dataclass
@@ -86,8 +37,6 @@ _TRL_DATA_KEYS = {"assistant_only_loss": "use `train_on`", "completion_only_loss
                   "dataset_text_field": "use a dataset entry's `columns: {text: your_column}`",
                   "dataset_kwargs": "use the `datasets:` entries", "chat_template_path": "use `chat_template`",
                   "truncation_mode": "use `truncation`", "eos_token": "the `chat_template` names the end of a turn"}
-_LIST_KEYS = ("datasets", "eval_datasets")
-_MAP_KEYS = ("chat_template_kwargs",)
 
 
 class _Parser(TrlParser):
@@ -121,11 +70,6 @@ def _mapping(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a mapping such as '{{enable_thinking: false}}', got {text!r}")
     return value
-
-
-def flag_keys(argv: list[str]) -> list[str]:
-    """The keys of the `--key value` / `--key=value` flags in `argv`."""
-    return [a[2:].split("=")[0] for a in argv if a.startswith("--")]
 
 
 def _defaults(recipe_path: str | None) -> dict:
@@ -178,23 +122,6 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(config, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
     return config
-
-
-def recipe_help_parser(prog: str, description: str):
-    """The `--help` of a command that takes a recipe: what it does, the recipe, our keys, then where TRL's are."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ScriptArguments, prog=prog, description=description,
-                              usage=f"{prog} RECIPE.yaml [--key value ...]",
-                              epilog="Every key of TRL's ModelConfig (model_name_or_path, dtype, use_peft, lora_r, "
-                                     "load_in_4bit, ...) and SFTConfig (learning_rate, max_steps, max_length, packing, "
-                                     "output_dir, ...) works too, in the recipe or as a flag; "
-                                     f"`{prog} --help-all` lists them all.")
-    parser.add_argument("recipe", metavar="RECIPE.yaml",
-                        help="a flat YAML recipe (see recipes/); flags after it override its keys")
-    parser._positionals.title, parser._optionals.title = "positional arguments", "sft_recipes keys"
-    _yaml_flags(parser)
-    return parser
 
 
 def parse_recipe(argv: list[str] | None = None, cli: str = "command line") -> Recipe:

@@ -32,11 +32,6 @@ from datasets.fingerprint import Hasher
 from . import templates
 from .messages import chat_messages
 
-TRAIN_ON = ("all_assistant", "last_assistant")
-TRUNCATION = ("keep_start", "turn_boundary", "drop_row")
-MULTI_TURN = ("auto", "joint", "per_turn")
-REASONING = ("keep", "drop")
-
 FEATURES = Features({
     "input_ids": List(Value("int32")), "labels": List(Value("int32")),
     "drop": Value("string"), "detail": Value("string"),

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from .config import flag_keys, parse_recipe, recipe_help_parser
 from .errors import cli
-from .trainer import train
+from .keys import flag_keys, recipe_help_parser  # light: the stack is imported once the arguments ask for work
 
 PROG = "python -m sft_recipes.run"
 
@@ -18,12 +17,16 @@ def main(argv=None):
     helper = recipe_help_parser(PROG, "Fine-tune a model on a recipe's data with assistant-only masks (TRL "
                                       "SFTTrainer underneath), then save the model, its tokenizer and a model card.")
     if "--help-all" in argv:
+        from .config import parse_recipe
         parse_recipe(["--help"])  # TRL's parser: every key of ModelConfig and SFTConfig
     if {"-h", "--help"} & set(argv):
         helper.print_help()
         return
     if not argv or (argv[0].startswith("-") and "model_name_or_path" not in flag_keys(argv)):
         helper.error("give a recipe (e.g. recipes/tiny_alpaca.yaml), or --model_name_or_path and --datasets")
+    from .config import parse_recipe
+    from .trainer import train
+
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
     train(parse_recipe(argv))
 

@@ -98,6 +98,17 @@ def test_run_help_shows_our_keys_then_points_to_trl(help_pages):
     assert full.returncode == 0 and "--learning_rate" in full.stdout and "--lora_r" in full.stdout
 
 
+def test_run_help_imports_none_of_the_stack():
+    """`run --help` is argparse and our keys alone: torch, TRL, transformers and datasets are imported only once a
+    recipe is given (importing them took 10-20 s a `--help`)."""
+    code = ("import runpy, sys\nsys.argv = ['run', '--help']\ntry:\n    runpy.run_module('sft_recipes.run', "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'trl', 'transformers', 'datasets') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--train_on" in proc.stdout and proc.stdout.splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
 @pytest.mark.parametrize("name", ["run", "inspect"])
 def test_run_and_inspect_without_a_recipe_print_the_usage(name):
     proc = command(name)
