@@ -98,6 +98,18 @@ def test_run_help_shows_our_keys_then_points_to_trl(help_pages):
     assert full.returncode == 0 and "--learning_rate" in full.stdout and "--lora_r" in full.stdout
 
 
+def test_run_help_names_trl_templates_and_says_each_default_once():
+    from sft_recipes.keys import recipe_help_parser
+
+    text = " ".join(recipe_help_parser("run", "x").format_help().split())
+    chat = text[text.index("--chat_template VALUE"):text.index("--train_on ")]
+    assert "`trl:NAME`" in chat and chat.count("default") == 1, chat
+    decontaminate = text[text.index("--decontaminate BOOL"):text.index("--decontaminate_ngram")]
+    assert decontaminate.count("default") == 1 and "on with eval rows" in decontaminate, decontaminate
+    assert "--train_on {all_assistant,last_assistant} Which assistant turns are trained. (default: all_assistant)" \
+        in text
+
+
 def test_run_help_imports_none_of_the_stack():
     """`run --help` is argparse and our keys alone: torch, TRL, transformers and datasets are imported only once a
     recipe is given (importing them took 10-20 s a `--help`)."""
