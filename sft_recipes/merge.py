@@ -15,13 +15,14 @@ import shutil
 from pathlib import Path
 
 from .errors import RecipeError, cli
-from .models import base_of, load_trained, recipe_file
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def merge(adapter_dir, output, base: str | None = None, dtype: str = "auto") -> Path:
     """Merge `adapter_dir` into its base and save everything to `output`; returns the output folder."""
+    from .models import base_of, load_trained, recipe_file  # here: `merge --help` need not import torch
+
     adapter_dir, output = Path(adapter_dir), Path(output)
     base_of(adapter_dir, base)  # refuses anything but an adapter with a base to load
     if output.resolve() == adapter_dir.resolve():

@@ -11,16 +11,15 @@ import json
 import logging
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
-
 from .errors import RecipeError, cli
-from .summary import cleaned, data_notes
 
 logger = logging.getLogger("sft_recipes")
 
 
 def log_history(output_dir) -> list[dict]:
     """The log history saved in `output_dir`, else in its newest checkpoint."""
+    from transformers.trainer_utils import get_last_checkpoint  # here, not at the top: `report --help` stays quick
+
     out = Path(output_dir)
     state = out / "trainer_state.json"
     if not state.is_file() and out.is_dir():
@@ -85,6 +84,8 @@ def _draw(found, path: Path):
 def model_card(recipe_values: dict, stats: dict, metrics: dict) -> str:
     """README.md for output_dir: what was trained on, how it was masked, with what settings, how it did."""
     import yaml
+
+    from .summary import cleaned, data_notes
 
     data = "\n".join(f"- `{d.get('path')}` (format {d.get('format', 'auto')}"
                      + (f", weight {d['weight']}" if d.get("weight") else "") + ")"
