@@ -3,16 +3,21 @@ with the chatml tokens, alpaca_en_demo masked by sft_recipes, bf16 autocast, TRL
 1024, batch 8, through sft_recipes' trainer (packed blocks kept as rows on sdpa, one padding-free row on
 flash-attn-2). sdpa vs flash attention 2 (when installed), LoRA vs full fine-tuning.
 
+Defaults: plain TRL (`SFTTrainer` with `SFTConfig`'s defaults: activation checkpointing on, one padding-free row
+per step) vs sft_recipes' (`fit.apply`'s decisions, packed blocks as rows) on the same rows, for GPT-2 124M and
+a Qwen3-0.6B-shaped model (random init, the shared Qwen3 tokenizer), and LoRA vs full on the latter.
+
 MFU = model FLOPs/s over the device's dense bf16 peak, with model FLOPs = 6·N per processed token for full
-training and 4·N with LoRA (frozen weights get no weight gradients); attention FLOPs are not counted, so MFU
-is a lower bound. The device name is recorded; MFU is left out for a device not in PEAK_BF16.
+training and 4·N with LoRA (frozen weights get no weight gradients), N every parameter (a tied embedding once);
+attention FLOPs are not counted, so MFU is a lower bound. The device name is recorded; MFU is left out for a
+device not in PEAK_BF16.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from .common import GPT2_TOKENIZER, data_file, figure, median, skipped, workers
+from .common import DATA, GPT2_TOKENIZER, data_file, figure, median, skipped, workers
 from .train import Meter, round_robin
 
 SECTION = "gpu"
@@ -20,6 +25,10 @@ MAX_LENGTH = 1024
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
              ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12)]
 GPT2_124M = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": MAX_LENGTH}
+# Qwen/Qwen3-0.6B's config.json shape (596M parameters with this vocabulary)
+QWEN3_06B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True, "max_position_embeddings": 40960}
+QWEN3_TOKENIZER = DATA / "tokenizers" / "qwen3"
 BASELINE = "sdpa full"
 
 
@@ -39,7 +48,8 @@ def run(quick: bool) -> list[dict]:
         specs = {name: (GpuTrainer, data, str(Path(tmp) / "out"), cfg) for name, cfg in configs.items()}
         with workers(specs) as ws:
             results = round_robin(ws, reps, steps, SECTION)
-    return figures(results, torch.cuda.get_device_name(0)) + notes + qlora(quick)
+    device = torch.cuda.get_device_name(0)
+    return figures(results, device) + notes + defaults(quick, device) + qlora(quick)
 
 
 def plan() -> tuple[dict, list[dict]]:
@@ -55,15 +65,19 @@ def plan() -> tuple[dict, list[dict]]:
     return configs, [skipped(SECTION, "flash-attn-2 full vs sdpa full", "skipped: flash_attn is not installed")]
 
 
-def pretokenize(data_path, out: Path) -> str:
+def pretokenize(data_path, out: Path, tokenizer_dir=GPT2_TOKENIZER, max_length=MAX_LENGTH) -> str:
     from sft_recipes import trainer
 
-    from .preprocess import recipe
-
-    r = recipe(datasets=[{"path": str(data_path)}], max_length=MAX_LENGTH)
+    r = chatml_recipe(tokenizer_dir, datasets=[{"path": str(data_path)}], max_length=max_length)
     train, _, _ = trainer.build_datasets(r, trainer.load_tokenizer(r))
     train.save_to_disk(str(out))
     return str(out)
+
+
+def chatml_recipe(tokenizer_dir, **keys):
+    from sft_recipes import config
+
+    return config.load_recipe(model_name_or_path=str(tokenizer_dir), chat_template="chatml", **keys)
 
 
 class GpuTrainer:
@@ -95,16 +109,21 @@ class GpuTrainer:
                                          processing_class=tokenizer, peft_config=lora() if cfg["lora"] else None))
 
     def __call__(self, steps):
-        import torch
+        return measure(self.meter, self.flops_per_token, steps)
 
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        result = self.meter(steps)
-        result["processed_tokens_per_s"] = result["real_tokens"] / result["seconds"]
-        result["model_flops_per_s"] = self.flops_per_token * result["processed_tokens_per_s"]
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        return result
+
+def measure(meter, flops_per_token, steps) -> dict:
+    """`steps` steps of a `Meter`, with processed tokens/s, model FLOPs/s and the peak GPU memory."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result = meter(steps)
+    result["processed_tokens_per_s"] = result["real_tokens"] / result["seconds"]
+    result["model_flops_per_s"] = flops_per_token * result["processed_tokens_per_s"]
+    result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return result
 
 
 def lora():
@@ -118,8 +137,8 @@ def peak_flops(device: str) -> float | None:
     return next((flops for key, flops in PEAK_BF16 if key in device), None)
 
 
-def figures(results: dict, device: str) -> list[dict]:
-    base, peak, out = results[BASELINE], peak_flops(device), []
+def figures(results: dict, device: str, baseline: str = BASELINE) -> list[dict]:
+    base, peak, out = results[baseline], peak_flops(device), []
     for name, runs in results.items():
         tps = median(r["processed_tokens_per_s"] for r in runs)
         mfu = median(r["model_flops_per_s"] for r in runs) / peak if peak else None
@@ -127,16 +146,94 @@ def figures(results: dict, device: str) -> list[dict]:
         detail = {"device": device, "processed_tokens_per_s": round(tps), "mfu": round(mfu, 3) if mfu else None,
                   "peak_memory_gib": round(memory, 2) if memory is not None else None,
                   "trained_tokens_per_s": round(median(r["tokens_per_s"] for r in runs))}
-        if name == BASELINE:
+        if "activation_checkpointing" in runs[0]:
+            detail["activation_checkpointing"] = runs[0]["activation_checkpointing"]
+        if name == baseline:
             out.append(figure(SECTION, f"{name}: processed tokens/s", round(tps), "tokens/s", **detail))
             continue
         ratio = median(r["processed_tokens_per_s"] / b["processed_tokens_per_s"] for r, b in zip(runs, base))
         if memory is not None:
             detail["memory_vs_baseline"] = round(memory / median(b["peak_memory_gib"] for b in base), 2)
-        out.append(figure(SECTION, f"{name} vs {BASELINE}: processed tokens/s", round(ratio, 2), "x", **detail))
+        out.append(figure(SECTION, f"{name} vs {baseline}: processed tokens/s", round(ratio, 2), "x", **detail))
     for f in out:
         print(f"[{SECTION}] {f['name']}: {f['value']} {f['unit']} ({f['detail']})", flush=True)
     return out
+
+
+# ---------------------------------------------------------------- plain TRL defaults vs sft_recipes
+def defaults(quick: bool, device: str, shapes: dict | None = None, steps: int | None = None, reps: int = 3,
+             bf16: bool = True, batch: int = 8, max_length: int = MAX_LENGTH) -> list[dict]:
+    """Per model, workers on the same pretokenized rows: plain TRL, sft_recipes, and (Qwen3 only) sft_recipes with
+    LoRA. `shapes` ({kind: model config}), `bf16`, `batch` and `max_length` let the tests run it tiny on CPU."""
+    shapes = shapes or {"gpt2": GPT2_124M, "qwen3": QWEN3_06B}
+    names = {"gpt2": ("GPT-2 124M", GPT2_TOKENIZER), "qwen3": ("Qwen3-0.6B-shaped", QWEN3_TOKENIZER)}
+    path, why = data_file("alpaca_en_demo.json")
+    if path is None:
+        return [skipped(SECTION, "plain TRL vs sft_recipes defaults", why)]
+    steps, out = steps or (10 if quick else 30), []
+    for kind, shape in shapes.items():
+        name, tokenizer_dir = names[kind]
+        if not Path(tokenizer_dir).is_dir():
+            out.append(skipped(SECTION, f"{name}: plain TRL vs sft_recipes defaults", f"skipped: {tokenizer_dir} not found"))
+            continue
+        sides = {"plain TRL": ("trl", False), "sft_recipes": ("ours", False)}
+        if kind == "qwen3":  # the LoRA goal: at least the tokens/s of full fine-tuning
+            sides["sft_recipes LoRA"] = ("ours", True)
+        with tempfile.TemporaryDirectory(prefix="sft_bench_defaults_") as tmp:
+            data = pretokenize(path, Path(tmp) / "data", tokenizer_dir, max_length)
+            specs = {f"{name}, {side}": (DefaultsRun, data, str(Path(tmp) / side.replace(" ", "_")), kind, str(tokenizer_dir),
+                                         shape, impl, lora, bf16, batch, max_length)
+                     for side, (impl, lora) in sides.items()}
+            with workers(specs) as ws:
+                results = round_robin(ws, reps, steps, SECTION)
+        out += figures(results, device, baseline=f"{name}, plain TRL")
+        if kind == "qwen3":
+            lora = {f"{name}, {k}": results[f"{name}, sft_recipes{s}"] for k, s in (("full", ""), ("LoRA", " LoRA"))}
+            out += [f for f in figures(lora, device, baseline=f"{name}, full") if f["unit"] == "x"]
+    return out
+
+
+class DefaultsRun:
+    """In a worker: a randomly initialised model and either TRL's `SFTTrainer` with `SFTConfig`'s defaults, or
+    sft_recipes' trainer with the defaults `fit.apply` decides for a recipe that sets nothing but the batch."""
+
+    def __init__(self, data_dir, out_dir, kind, tokenizer_dir, shape, side, lora, bf16=True, batch=8,
+                 max_length=MAX_LENGTH):
+        import torch
+        from datasets import load_from_disk
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, GPT2Config, Qwen3Config
+        from trl import SFTConfig, SFTTrainer
+
+        from sft_recipes import fit, packing, trainer
+
+        cuda = torch.cuda.is_available()
+        r = chatml_recipe(tokenizer_dir, output_dir=out_dir, per_device_train_batch_size=batch, packing=True,
+                          max_length=max_length, bf16=bf16, save_strategy="no",
+                          logging_steps=1000, disable_tqdm=True, seed=42, use_peft=lora)
+        tokenizer = trainer.load_tokenizer(r)
+        ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config((GPT2Config if kind == "gpt2" else Qwen3Config)(**ids, **shape))
+        self.params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = (4 if lora else 6) * self.params
+        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if lora else None
+        if side == "trl":  # what a user gets from TRL itself: only the batch, length, packing and precision set
+            args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=batch, max_length=max_length,
+                             packing=True, bf16=bf16, report_to="none", save_strategy="no", logging_steps=1000,
+                             disable_tqdm=True, seed=42, use_cpu=not cuda)
+            run = SFTTrainer(model=model, args=args, train_dataset=load_from_disk(data_dir), processing_class=tokenizer,
+                             peft_config=peft)
+        else:
+            self.fit = fit.apply(r, model)
+            run = packing.Trainer(model=model, args=r.sft, train_dataset=load_from_disk(data_dir),
+                                  processing_class=tokenizer, peft_config=peft)
+        self.activation_checkpointing = run.args.activation_checkpointing
+        self.meter = Meter(run)
+
+    def __call__(self, steps):
+        return {**measure(self.meter, self.flops_per_token, steps), "activation_checkpointing": self.activation_checkpointing}
 
 
 # ---------------------------------------------------------------- QLoRA through sft_recipes

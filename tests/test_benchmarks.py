@@ -35,6 +35,34 @@ def test_gpu_section_trains_and_reports_on_cpu(tmp_path):
     assert lora["unit"] == "x" and lora["value"] > 0
 
 
+TINY_QWEN3 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True, "max_position_embeddings": 64}
+
+
+def test_defaults_section_compares_plain_trl_with_ours_on_cpu():
+    """The GPU run's plain-TRL-vs-ours part, whole (workers, the same rows, figures), at tiny shapes."""
+    from benchmarks import gpu
+
+    for name in ("gpt2-tokenizer", "tokenizers/qwen3", "alpaca_en_demo.json"):
+        if not shared_file(name).exists():
+            pytest.skip(f"../shared/data/{name} not found")
+    shapes = {"gpt2": {**TINY_GPT2, "n_positions": 64}, "qwen3": TINY_QWEN3}  # 151,936 output rows: few tokens
+    figures = gpu.defaults(True, "NVIDIA H200", shapes=shapes, steps=2, reps=1, bf16=False, batch=2, max_length=64)
+    by_name = {f["name"]: f for f in figures}
+    assert sorted(by_name) == sorted([
+        "GPT-2 124M, plain TRL: processed tokens/s", "GPT-2 124M, sft_recipes vs GPT-2 124M, plain TRL: processed tokens/s",
+        "Qwen3-0.6B-shaped, plain TRL: processed tokens/s",
+        "Qwen3-0.6B-shaped, sft_recipes vs Qwen3-0.6B-shaped, plain TRL: processed tokens/s",
+        "Qwen3-0.6B-shaped, sft_recipes LoRA vs Qwen3-0.6B-shaped, plain TRL: processed tokens/s",
+        "Qwen3-0.6B-shaped, LoRA vs Qwen3-0.6B-shaped, full: processed tokens/s"])
+    for f in figures:
+        assert f["value"] > 0 and f["detail"]["mfu"] is not None and f["detail"]["trained_tokens_per_s"] > 0
+    # plain TRL keeps SFTConfig's activation checkpointing; ours decides (no GPU here: off)
+    assert by_name["GPT-2 124M, plain TRL: processed tokens/s"]["detail"]["activation_checkpointing"] is True
+    assert by_name["GPT-2 124M, sft_recipes vs GPT-2 124M, plain TRL: processed tokens/s"]["detail"][
+        "activation_checkpointing"] is False
+
+
 def test_scale_section_measures_a_tiny_mixture(tmp_path):
     """The 1M-row benchmark's whole path at 30 and 60 rows: the mixture has its three kinds, each measurement
     runs in its own worker and cache, and the figures read the results."""
