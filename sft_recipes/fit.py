@@ -11,6 +11,7 @@ leaves unset (a recipe that sets one keeps its value).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,15 @@ class Shape:
     intermediate: int
     tokens: int  # per device and micro-batch
     activation_bytes: int  # 2 under bf16/fp16 autocast, else 4
+    shards: int = 1  # processes that FSDP splits weights, gradients and optimizer state over
 
 
 LORA_SHARE = 0.02  # of the parameters: an upper bound of what LoRA trains (r=64 on every linear of a 7B: ~2.4 %)
 
 
-def shape(model, args, peft: bool = False) -> Shape:
-    """The model as loaded (before PEFT wraps it: with `peft`, LoRA's share is assumed trainable)."""
+def shape(model, args, peft: bool = False, env=os.environ) -> Shape:
+    """The model as loaded (before PEFT wraps it: with `peft`, LoRA's share is assumed trainable); under an FSDP
+    launch its state is split over the processes."""
     config = model.config.get_text_config()
     hidden, params = config.hidden_size, list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -46,7 +49,8 @@ def shape(model, args, peft: bool = False) -> Shape:
                  layers=config.num_hidden_layers, hidden=hidden,
                  intermediate=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
                  tokens=args.per_device_train_batch_size * (args.max_length or 1024),
-                 activation_bytes=2 if (args.bf16 or args.fp16) else 4)
+                 activation_bytes=2 if (args.bf16 or args.fp16) else 4,
+                 shards=int(env.get("WORLD_SIZE", "1")) if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" else 1)
 
 
 def training_bytes(s: Shape, checkpointed: bool) -> int:
@@ -55,7 +59,7 @@ def training_bytes(s: Shape, checkpointed: bool) -> int:
     output, residuals; no scores with sdpa or flash kernels) and 3 MLP-sized ones (gate, up, activation)
     (after Korthikanti et al. 2022, 34·h bytes per layer and token in 16 bits with a 4·h MLP); checkpointed, a
     layer keeps only its input, and one layer at a time is recomputed whole."""
-    state = s.weight_bytes + s.trainable * (4 + ADAM_STATE)  # gradients in float32
+    state = (s.weight_bytes + s.trainable * (4 + ADAM_STATE)) // s.shards  # gradients in float32
     per_layer = (8 * s.hidden + 3 * s.intermediate) * s.tokens * s.activation_bytes
     kept = s.hidden * s.tokens * s.activation_bytes * s.layers + per_layer if checkpointed else per_layer * s.layers
     return state + kept
@@ -91,14 +95,17 @@ def device_memory() -> int | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None
 
 
-def apply(recipe, model, device_bytes: int | None = None, cuda: bool | None = None) -> list[str]:
+def apply(recipe, model, device_bytes: int | None = None, cuda: bool | None = None, env=os.environ) -> list[str]:
     """Set the keys the recipe left unset (`recipe.given` holds those it set) on `recipe.sft`, before the trainer is
     built. Returns what was decided and why, one short phrase each."""
     args, given, notes = recipe.sft, recipe.given, []
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not set(CHECKPOINTING_KEYS) & given:
-        s = shape(model, args, peft=recipe.model.use_peft)
-        on, why = needs_checkpointing(s, device_memory() if device_bytes is None else device_bytes)
+        if env.get("FSDP_ACTIVATION_CHECKPOINTING", "").lower() == "true":  # transformers refuses both at once
+            on, why = False, "activation checkpointing by FSDP (fsdp_activation_checkpointing)"
+        else:
+            s = shape(model, args, peft=recipe.model.use_peft, env=env)
+            on, why = needs_checkpointing(s, device_memory() if device_bytes is None else device_bytes)
         args.activation_checkpointing = args.gradient_checkpointing = on
         notes.append(why)
     if "use_liger_kernel" not in given:

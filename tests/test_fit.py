@@ -128,3 +128,15 @@ def test_the_built_trainer_uses_fused_adamw_and_shows_its_defaults(tmp_path):
     print_summary(trainer, console)
     line = next(l for l in console.export_text().splitlines() if l.startswith("defaults"))
     assert "activation checkpointing off (no GPU)" in line and "Liger kernels off (no GPU)" in line
+
+
+def test_under_fsdp_the_state_is_split_and_fsdps_own_checkpointing_is_left_alone(tmp_path):
+    model = on_meta(Qwen3Config(**QWEN3_06B))
+    alone = fit.shape(model, recipe(tmp_path).sft, env={})
+    split = fit.shape(model, recipe(tmp_path).sft, env={"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"})
+    assert split.shards == 8 and alone.shards == 1
+    activations = 28 * (8 * 1024 + 3 * 3072) * 8192 * 2
+    assert fit.training_bytes(split, False) == 16 * 596049920 // 8 + activations
+    r = recipe(tmp_path)
+    notes = fit.apply(r, model, device_bytes=16 * GiB, cuda=False, env={"FSDP_ACTIVATION_CHECKPOINTING": "true"})
+    assert r.sft.activation_checkpointing is False and notes[0] == "activation checkpointing by FSDP (fsdp_activation_checkpointing)"
