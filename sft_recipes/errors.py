@@ -139,12 +139,25 @@ class _Muted(logging.Filter):
         return not any(m in record.getMessage() for m in _MUTED)
 
 
+_BARS = None  # inside a command: [] then transformers' logging module once its bars are off; None outside one
+
+
+def quiet_stack():
+    """Turn transformers' progress bars (loading and writing weights) off for the rest of the command. `_quiet`
+    calls it at the start; a command that imports the stack only after parsing its arguments (so that `--help`
+    is quick) calls it again once it has. Outside a command (library use) it does nothing."""
+    hf = sys.modules.get("transformers.utils.logging")
+    if _BARS == [] and hf is not None and hf.is_progress_bar_enabled():
+        hf.disable_progress_bar()
+        _BARS.append(hf)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Mute `_MUTED` and transformers' own progress bars (loading and writing weights), print our warnings as
-    bare lines; restore it all after."""
-    hf = sys.modules.get("transformers.utils.logging")  # imported by then in the commands that load models
-    bars = hf is not None and hf.is_progress_bar_enabled()
+    """Mute `_MUTED` and transformers' own progress bars, print our warnings as bare lines; restore it all after."""
+    global _BARS
+    outer, _BARS = _BARS, []
+    quiet_stack()
     muted, loggers = _Muted(), [logging.getLogger(name) for name in _MUTED_LOGGERS]
     root = logging.getLogger()
     # Our warnings go through one handler for the whole command: else the first library to log through absl
@@ -157,8 +170,6 @@ def _quiet():
             warnings.filterwarnings("ignore", message=".*" + re.escape(message))
         for logger in loggers:
             logger.addFilter(muted)
-        if bars:
-            hf.disable_progress_bar()
         try:
             yield
         finally:
@@ -166,5 +177,6 @@ def _quiet():
                 root.removeHandler(ours)
             for logger in loggers:
                 logger.removeFilter(muted)
-            if bars:
+            for hf in _BARS:
                 hf.enable_progress_bar()
+            _BARS = outer

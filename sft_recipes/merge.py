@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .errors import RecipeError, cli
+from .errors import RecipeError, cli, quiet_stack
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,6 +46,9 @@ def main(argv=None):
     parser.add_argument("--base", help="base model id or folder (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (default: the base's own)")
     args = parser.parse_args(argv)
+    from . import models  # noqa: F401  (the stack, imported once the arguments are read)
+
+    quiet_stack()
     print(f"wrote {merge(args.adapter_dir, args.output, args.base, args.dtype)}")
 
 

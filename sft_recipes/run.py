@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .errors import cli
+from .errors import cli, quiet_stack
 from .keys import flag_keys, recipe_help_parser  # light: the stack is imported once the arguments ask for work
 
 PROG = "python -m sft_recipes.run"
@@ -27,6 +27,7 @@ def main(argv=None):
     from .config import parse_recipe
     from .trainer import train
 
+    quiet_stack()  # now that the stack is imported
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING, force=True)
     train(parse_recipe(argv))
 
