@@ -21,6 +21,7 @@ from . import generate as gen
 from . import tool_calls
 from .errors import cli
 from .models import load_trained
+from .keys import docs
 
 HELP = ("commands: /paste (multi-line, up to /end), /reset, /system TEXT, /tool RESULT, /exit; "
         "a line ending in \\ continues")
@@ -164,7 +165,7 @@ def _turn(read) -> str | None:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.chat", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.chat", epilog=docs("evaluation"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
                                                        "checkpoint-* folder in it, a merged model, or a .gguf file")

@@ -38,6 +38,7 @@ from .errors import RecipeError, cli
 from .gguf import is_gguf
 from .models import add_response_template, load_model, load_tokenizer, load_trained
 from .trainer import mask_options
+from .keys import docs
 
 # The recipe keys evaluation reads from the command line: which rows, how they are masked, the loss batch.
 RECIPE_KEYS = ("datasets", "eval_datasets", "eval_split", "seed", "dataset_num_proc", "strict", "train_on",
@@ -336,7 +337,7 @@ def _plot(model_dir, out: Path) -> bool:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.evaluate", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.evaluate", epilog=docs("evaluation"), description=__doc__, allow_abbrev=False,
                                      usage="%(prog)s RECIPE.yaml [--model DIR] [options] [--recipe_key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe the model was trained with")

@@ -26,6 +26,7 @@ import numpy as np
 from . import models
 from .errors import RecipeError, cli
 from .gguf import is_gguf
+from .keys import docs
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 # transformers model_type -> llama.cpp architecture (llama.cpp runs Mistral as llama)
@@ -221,7 +222,7 @@ def encode(name: str, data: np.ndarray, outtype: str):
 # ---------------------------------------------------------------- command
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.export", epilog=docs("export"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (full model or LoRA adapter), a "
                                                            "checkpoint-* folder, or a merged model")

@@ -26,6 +26,7 @@ from . import formats, sources, templates, tool_calls
 from .errors import RecipeError, Where, cli
 from .messages import chat_messages, check_kwargs, read_tools as _read_tools
 from .models import load_trained, stop_ids, trained_kwargs
+from .keys import docs
 
 logger = logging.getLogger("sft_recipes")
 # An empty reply is a real answer (an end of turn at once), so not an error, but never a silent blank line.
@@ -278,7 +279,7 @@ def prompt_options(args) -> tuple[list | None, dict]:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.generate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.generate", epilog=docs("evaluation"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a run's output_dir (full model or LoRA adapter), a "
                                                        "checkpoint-* folder in it, a merged model, or a .gguf file")

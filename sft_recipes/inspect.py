@@ -19,6 +19,7 @@ from .masking import example_messages
 from .models import load_tokenizer
 from .summary import print_data
 from .trainer import masked_datasets
+from .keys import docs
 
 
 def highlight(ids, labels, tokenizer, reasoning=()) -> Text:
@@ -57,7 +58,7 @@ def export(path, splits: dict, tokenizer):
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.inspect", epilog=docs("masks"), description=__doc__,
                                      usage="%(prog)s RECIPE.yaml [-n N] [--export FILE] [--key value ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe to inspect")

@@ -3,6 +3,7 @@ allowed values. Standard library only: `run --help` prints them without importin
 from __future__ import annotations
 
 import argparse
+import textwrap
 from dataclasses import MISSING, dataclass, field, fields
 
 TRAIN_ON = ("all_assistant", "last_assistant")
@@ -70,14 +71,28 @@ def flag_keys(argv: list[str]) -> list[str]:
     return [a[2:].split("=")[0] for a in argv if a.startswith("--")]
 
 
-def recipe_help_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def docs(*pages: str) -> str:
+    """The `--help` line that names the pages explaining a command (docs/ of the sft_recipes repository)."""
+    return "Explained in " + " and ".join(f"docs/{p}.md" for p in pages) + " of the sft_recipes repository."
+
+
+class _KeepParagraphs(argparse.HelpFormatter):
+    """Wraps the description and epilog by paragraph, never inside a file name (docs/large-data.md)."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(textwrap.fill(" ".join(p.split()), width, initial_indent=indent, subsequent_indent=indent,
+                                           break_on_hyphens=False) for p in text.split("\n\n"))
+
+
+def recipe_help_parser(prog: str, description: str, pages=("recipes",)) -> argparse.ArgumentParser:
     """The `--help` of a command that takes a recipe: what it does, the recipe, our keys, then where TRL's are.
     For printing help and usage errors only: recipes are parsed by `config.parse_recipe`."""
     parser = argparse.ArgumentParser(prog=prog, description=description, usage=f"{prog} RECIPE.yaml [--key value ...]",
                                      epilog="Every key of TRL's ModelConfig (model_name_or_path, dtype, use_peft, lora_r, "
                                             "load_in_4bit, ...) and SFTConfig (learning_rate, max_steps, max_length, "
                                             "packing, output_dir, ...) works too, in the recipe or as a flag; "
-                                            f"`{prog} --help-all` lists them all.")
+                                            f"`{prog} --help-all` lists them all.\n\n" + docs(*pages),
+                                     formatter_class=_KeepParagraphs)
     parser.add_argument("recipe", metavar="RECIPE.yaml",
                         help="a flat YAML recipe (see recipes/); flags after it override its keys")
     parser._positionals.title, parser._optionals.title = "positional arguments", "sft_recipes keys"

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import RecipeError, cli, quiet_stack
+from .keys import docs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -39,7 +40,7 @@ def merge(adapter_dir, output, base: str | None = None, dtype: str = "auto") -> 
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.merge", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.merge", epilog=docs("training"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter_dir", help="a LoRA output_dir or checkpoint-* folder (holds adapter_config.json)")
     parser.add_argument("--output", required=True, help="folder for the merged model")

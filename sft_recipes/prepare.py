@@ -288,7 +288,8 @@ def _hash(text: str) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     helper = recipe_help_parser(PROG, "Load, clean and mask a recipe's data once and save the rows (Arrow) with a "
-                                      "manifest in `dataset_prepared_path`; `run` with the same recipe reads them.")
+                                      "manifest in `dataset_prepared_path`; `run` with the same recipe reads them.",
+                                ("large-data",))
     if {"-h", "--help"} & set(argv):
         helper.print_help()
         return

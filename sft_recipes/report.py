@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from .errors import RecipeError, cli
+from .keys import docs
 
 logger = logging.getLogger("sft_recipes")
 
@@ -132,7 +133,7 @@ every row's mask verified before training; truncation `{recipe_values.get("trunc
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m sft_recipes.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sft_recipes.report", epilog=docs("training"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="a training output dir")
     parser.add_argument("--output", help="PNG path (default OUTPUT_DIR/loss.png)")

@@ -15,7 +15,8 @@ PROG = "python -m sft_recipes.run"
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     helper = recipe_help_parser(PROG, "Fine-tune a model on a recipe's data with assistant-only masks (TRL "
-                                      "SFTTrainer underneath), then save the model, its tokenizer and a model card.")
+                                      "SFTTrainer underneath), then save the model, its tokenizer and a model card.",
+                                ("recipes", "training"))
     if "--help-all" in argv:
         from .config import parse_recipe
         parse_recipe(["--help"])  # TRL's parser: every key of ModelConfig and SFTConfig

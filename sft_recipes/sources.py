@@ -35,6 +35,7 @@ from datasets.fingerprint import Hasher
 from . import hub
 from .errors import RecipeError, cli, data_error
 from .formats import FORMATS, convert, detect_format
+from .keys import docs
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that make a missing path "a file not found" rather than a Hub id (ids may contain dots).
@@ -460,7 +461,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
                                  description="Check data files before training: the format found, rows kept and "
                                              "dropped (and why), the roles seen, what cleaning would remove and "
-                                             "the first conversation.")
+                                             "the first conversation.", epilog=docs("data", "cleaning"))
     ap.add_argument("paths", nargs="+", metavar="path", help="file, folder, glob or Hub id")
     add_file_options(ap)
     ap.add_argument("--num-proc", type=int, default=None)

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from .keys import docs
 
 TINY_MODEL_ID = "tiny:gpt2"
 DATA_FILE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny_tasks.json"
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sft_recipes.tiny", description=(
         f"Regenerate the shipped data in recipes/data: {', '.join(p.name for p in WRITTEN)} (Alpaca tasks, "
         "ShareGPT chats, tool-call chats, SmolLM2 identity rows). The tiny model itself "
-        "(`model_name_or_path: tiny:gpt2`) builds on first use."))
+        "(`model_name_or_path: tiny:gpt2`) builds on first use."), epilog=docs("recipes"))
     parser.add_argument("--write-data", action="store_true",
                         help=f"write the {len(WRITTEN)} files (they are deterministic)")
     if not parser.parse_args(argv).write_data:

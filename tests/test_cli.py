@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,12 @@ def test_each_help_starts_with_its_usage_and_what_it_does(name, help_pages):
     assert usage.startswith("usage: ") and HELP_PAGES[name] in usage
     description = rest.splitlines()[0]
     assert description and not description.startswith(("options", "positional")), proc.stdout[:500]
+
+
+@pytest.mark.parametrize("name", HELP_PAGES)
+def test_each_help_names_the_docs_page_that_explains_it(name, help_pages):
+    pages = re.findall(r"docs/([\w-]+\.md)", help_pages[name].stdout)
+    assert pages and all((ROOT / "docs" / page).is_file() for page in pages), (name, pages)
 
 
 def test_run_help_shows_our_keys_then_points_to_trl(help_pages):
