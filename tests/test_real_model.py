@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, SMOLLM
 from mask_oracle import check_row
-from sft_recipes import load_recipe, load_tokenizer, masking, models, trainer
+from sft_recipes import load_recipe, load_tokenizer, masking, models, sources, trainer
 from sft_recipes.generate import generate, prompt_text
 
 IDENTITY = ROOT / "recipes" / "data" / "smollm2_identity.jsonl"
@@ -55,7 +55,7 @@ def test_masks_and_prompts_carry_the_default_system_prompt(smollm, tmp_path):
     generation's prompt is the same text, token for token."""
     r = recipe(tmp_path)
     tokenizer = load_tokenizer(r)
-    rows = masking.tokenize(trainer.sources.load_conversations(r.data.datasets)[0].select(range(1)), tokenizer,
+    rows = masking.tokenize(sources.load_conversations(r.data.datasets)[0].select(range(1)), tokenizer,
                             trainer.mask_options(r, tokenizer))
     text = check_row(rows[0], tokenizer, tokenizer.chat_template, end_of_turn="<|im_end|>")
     assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nWho are you?")
