@@ -266,10 +266,12 @@ def _turn(source, messages, tools, i, kwargs) -> _Turn:
     are handled without per-template code:
     - the generation prompt pre-fills text the rendered turn lacks (DeepSeek-R1's `<think>\n`): the
       render is kept as it is and the turn starts where it parts from the prompt; the pre-fill is noted;
-    - the history is printed differently once the turn exists (gpt-oss drops the analysis of earlier
-      tool calls once a final answer follows; Mistral prints the system message in the last user turn
-      only): the turn, as the template prints it after the previous message, is trained after the
-      prompt inference shows."""
+    - the history is printed differently once the turn exists. Where only reasoning is left out (gpt-oss
+      drops the analysis of earlier tool calls once a final answer follows: its authors' training view),
+      the template's own rendering is trained, as `apply_chat_template` prints it; where a message is
+      left out (Mistral prints the system message in the last user turn only, so it vanishes once the
+      turn exists), the turn, as the template prints it after the previous message, is trained after
+      the prompt inference shows."""
     prompt = _prompt(source, messages, tools, i, kwargs)
     upto = render(source, messages[: i + 1], tools, **kwargs)
     if upto.startswith(prompt):
@@ -296,9 +298,25 @@ def _turn(source, messages, tools, i, kwargs) -> _Turn:
         start = at if gen and at >= 0 and upto.startswith(gen, at) else -1
     if start < 0:
         raise TurnError("generation_prompt_mismatch", f"message {i} is not printed after its generation prompt")
+    if _prints_every_message(upto, messages[: i + 1]):
+        return _Turn(upto, (start + len(gen), len(upto.rstrip())), rewritten=True, notes=[REWRITES_REASONING])
     text = prompt + upto[start + len(gen):]
-    return _Turn(text, (len(prompt), len(text.rstrip())), rewritten=True,
-                 notes=["history printed differently once the turn exists; trained after the inference prompt"])
+    return _Turn(text, (len(prompt), len(text.rstrip())), rewritten=True, notes=[REWRITES_MESSAGES])
+
+
+REWRITES_REASONING = ("history printed differently once the turn exists (earlier reasoning left out, every message "
+                      "kept); trained in the template's own rendering")
+REWRITES_MESSAGES = "history printed differently once the turn exists, a message left out; trained after the inference prompt"
+
+
+def _prints_every_message(text: str, messages: list[dict]) -> bool:
+    """Every message's content and every call's name is in `text`: what the template left out is reasoning only."""
+    for m in messages:
+        if (m.get("content") or "").strip() and _after_previous(text, m) < 0:
+            return False
+        if any(c["function"]["name"] not in text for c in m.get("tool_calls") or ()):
+            return False
+    return True
 
 
 def _common_prefix(a: str, b: str) -> str:

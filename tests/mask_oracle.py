@@ -127,8 +127,9 @@ def check_row(row, tokenizer, source, *, end_of_turn=None, trained=None, exact_d
     Turn i follows `render(messages[:i], add_generation_prompt=True)`, tokenized on its own. Two
     template habits are allowed: the generation prompt pre-fills text the rendered turn lacks
     (DeepSeek-R1's "<think>\n"): the rendering is kept and the turn's untrained head must be a prefix
-    of the generation prompt's own text; or the history prints differently once the turn exists
-    (gpt-oss): the turn, which ends that rendering, follows the inference prompt. A turn that ends
+    of the generation prompt's own text; or the history prints differently once the turn exists: with
+    only reasoning left out (gpt-oss) the example is the template's rendering and the turn ends it, right
+    after its generation prompt; with a message left out, the turn follows the inference prompt. A turn that ends
     with no stop token of its own may be trained with the special token the template prints next.
     Returns the example's text."""
     assert row["drop"] is None, f"refused: {row['drop']}: {row['detail']}"
@@ -176,11 +177,20 @@ def check_row(row, tokenizer, source, *, end_of_turn=None, trained=None, exact_d
             cut = next(k for k in range(len(base), len(upto) + 1) if same(upto[:k]) == head)
             assert gen.startswith(upto[len(base):cut]), f"turn {i}: untrained head is not the prompt's"
             before, turn = upto[:cut], upto[cut:].rstrip()
-        else:  # history rewritten: the turn ends the template's rendering and follows the inference prompt
+        elif text.startswith(same(prompt)):  # history rewritten, a message lost: the turn follows the inference prompt
             rewritten = True
             before, turn = prompt, text[len(same(prompt)):].rstrip()
             assert any(upto.rstrip().endswith(turn[: len(turn) - len(t)] if turn.endswith(t) else turn)
                        for t in ["", *stops]), f"turn {i} is not how the template ends its rendering"
+        else:  # history rewritten, reasoning left out only: the template's own rendering, the turn ending it
+            gen = prompt[len(base):]
+            assert gen and head.endswith(same(gen)), f"turn {i} does not follow its generation prompt"
+            shown = lambda c: any(f in head for f in (c, json.dumps(c, ensure_ascii=False), json.dumps(c)))  # noqa: E731
+            assert all(shown(m["content"].strip()) for m in messages[:i] if m["content"].strip()), \
+                f"turn {i}: a message before it is missing from its history"
+            before, turn = head, text[len(head):].rstrip()
+            assert upto.rstrip().endswith(turn) or any(turn.endswith(t) and upto.rstrip().endswith(turn[:-len(t)])
+                                                       for t in stops), f"turn {i} is not how the template ends it"
         assert head == same(before) and ids[:a] == tokens(tokenizer, before), \
             f"turn {i}: its prompt is tokenized unlike inference"
         turn = same(turn)

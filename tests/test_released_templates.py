@@ -12,7 +12,7 @@ from functools import lru_cache
 import pytest
 
 from conftest import shared_file
-from mask_oracle import check_row, decode, runs, tokens
+from mask_oracle import check_row, decode, render, runs, tokens
 from sft_recipes import masking, sources, templates
 
 # The templates named in issue 12 and 13, the shared tokenizer each runs on, and the special tokens a
@@ -188,17 +188,23 @@ def test_deepseek_r1_prefill_is_noted_and_the_rendered_turn_is_trained():
     assert decode(tok, [t for t in row["labels"] if t != -100]) == row["messages"][1]["content"] + tok.eos_token
 
 
-def test_gptoss_final_answer_after_tool_calls_follows_the_prompt_inference_shows():
-    """gpt-oss drops the analysis of a tool call from the history once a final answer follows; at
-    inference that analysis is still in the prompt. The final answer is trained after that prompt."""
+def test_gptoss_final_answer_after_tool_calls_is_trained_in_the_templates_own_rendering():
+    """gpt-oss drops the analysis of a tool call from the history once a final answer follows (its authors'
+    training view; every message is still printed): the final answer's example is the template's rendering
+    of the row, equal to `apply_chat_template`, and the call's own example keeps its analysis."""
     out, tok = masked("gptoss", "reasoning/tool_calls_reasoning.jsonl")
-    rewritten = [r for r in out if any("trained after the inference prompt" in n for n in r["notes"])]
+    rewritten = [r for r in out if any(n == templates.REWRITES_REASONING for n in r["notes"])]
     assert rewritten
     for row in rewritten[:10]:
         check_row(row, tok, tok.chat_template)
         (i,) = row["turns"]
-        analysis = [m["reasoning_content"] for m in row["messages"][:i] if m["reasoning_content"]]
-        assert analysis[-1] in decode(tok, row["input_ids"])  # the prompt keeps the analysis
+        messages = row["messages"][: row["n_messages"]]
+        text = decode(tok, row["input_ids"])
+        assert text == render(tok, messages, row["tools"], tok.chat_template)
+        calls = [k for k in range(i) if messages[k]["tool_calls"] and messages[k]["reasoning_content"]]
+        assert calls and messages[calls[-1]]["reasoning_content"] not in text  # left out, as the template does
+        call = next(r for r in out if r["row"] == row["row"] and r["turns"] == [calls[-1]])
+        assert messages[calls[-1]]["reasoning_content"] in decode(tok, call["input_ids"])
 
 
 def test_glm_turns_without_an_end_token_train_the_next_role_token_as_their_stop():
