@@ -10,7 +10,7 @@ not UTF-8), or when `datasets` had to store a mixed-type field as Json, which do
 intact.
 
 Check files before training: `python -m sft_recipes.sources PATH [PATH ...] [--format F] [--strict]
-[--dedup none|exact|near]`.
+[--dedup none|exact|near] [--chat-template NAME ...] [--tokenizer PATH_OR_ID]`.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from . import hub
 from .errors import RecipeError, cli, data_error
 from .formats import FORMATS, convert, detect_format
 from .keys import docs
+from .tiny import TINY_MODEL_ID
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that make a missing path "a file not found" rather than a Hub id (ids may contain dots).
@@ -460,8 +461,9 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m sft_recipes.sources",
                                  description="Check data files before training: the format found, rows kept and "
-                                             "dropped (and why), the roles seen, what cleaning would remove and "
-                                             "the first conversation.", epilog=docs("data", "cleaning"))
+                                             "dropped (and why), the roles seen, what cleaning would remove, "
+                                             "the first conversation and, with --chat-template, the masks under "
+                                             "each template.", epilog=docs("data", "cleaning"))
     ap.add_argument("paths", nargs="+", metavar="path", help="file, folder, glob or Hub id")
     add_file_options(ap)
     ap.add_argument("--num-proc", type=int, default=None)
@@ -469,17 +471,26 @@ def main(argv=None):
     ap.add_argument("--dedup", default="exact", choices=cleaning.DEDUP,
                     help="count duplicates across all the paths (default: exact)")
     ap.add_argument("--dedup-threshold", type=float, default=0.9, help="Jaccard of a near duplicate")
+    ap.add_argument("--chat-template", action="append", default=[], metavar="NAME",
+                    help="also mask the rows kept under this template and say, per template, the examples, "
+                         "refusals and rows split per turn (and why); repeatable: a shipped name, trl:NAME for "
+                         "TRL's released templates, a .jinja path, or tokenizer")
+    ap.add_argument("--tokenizer", default=TINY_MODEL_ID, metavar="PATH_OR_ID",
+                    help=f"the tokenizer for --chat-template (default: {TINY_MODEL_ID}, the embedded tiny one)")
     args = ap.parse_args(argv)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
     options = cleaning.CleanOptions(dedup=args.dedup, dedup_threshold=args.dedup_threshold)
+    maskers = [_masker(spec, args.tokenizer) for spec in args.chat_template]  # a bad name stops before any loading
 
     found = []  # every file read and cleaned before the report starts: their progress bars come first, not inside
     for path in args.paths:
         spec = DatasetSpec.from_dict({"path": path, "format": args.format or "auto", "columns": args.columns,
                                       "roles": args.roles}, path)
         found.append((path, spec, *_prepare(spec, num_proc=args.num_proc, strict=args.strict)))
+    kept = concatenate_datasets([f[2] for f in found])
     if args.dedup != "none":  # in file order: the first copy is the one kept
-        _, cleaned = cleaning.clean(concatenate_datasets([f[2] for f in found]), None, options, num_proc=args.num_proc)
+        kept, cleaned = cleaning.clean(kept, None, options, num_proc=args.num_proc)
+    masks = [(recipe, _mask_stats(kept, recipe, tokenizer, args.num_proc)) for recipe, tokenizer in maskers]
     for path, spec, ds, fmt, drops in found:
         _describe(ds, fmt, drops, detected=spec.format == "auto", header=len(args.paths) > 1 and path)
     if args.dedup != "none":
@@ -489,6 +500,46 @@ def main(argv=None):
             print(f"  {reason}: {n}" + "".join(f"\n    {ex}" for ex in cleaned.examples.get(reason, [])))
         if cleaned.groups:
             print("largest duplicate groups:" + "".join(f"\n  {g}" for g in cleaned.groups))
+    for recipe, st in masks:
+        _describe_masks(recipe, len(kept), st)
+
+
+def _masker(spec: str, tokenizer_name: str):
+    """(recipe, tokenizer) as training would build them for `chat_template: spec`, the other keys at their
+    defaults; each template gets its own tokenizer, since loading adds the special tokens it declares."""
+    from .config import load_recipe
+    from .models import load_tokenizer
+
+    recipe = load_recipe(model_name_or_path=tokenizer_name, chat_template=spec)
+    return recipe, load_tokenizer(recipe)
+
+
+def _mask_stats(ds, recipe, tokenizer, num_proc) -> dict:
+    """The stats the training summary reads, from the library's own masking of `ds`."""
+    from . import masking, prepare  # they import this module
+
+    masked = masking.tokenize(ds, tokenizer, prepare.mask_options(recipe, tokenizer), num_proc=num_proc,
+                              desc="Masking")
+    return prepare._stats(masked, Drops())
+
+
+def _describe_masks(recipe, rows: int, st: dict):
+    from .summary import _template_name, note_lines
+
+    refused = sum(st["refused"].values())
+    print(f"masks with {_template_name(recipe.data.chat_template)} (tokenizer {recipe.model.model_name_or_path}, "
+          f"max_length {recipe.sft.max_length}):")
+    print(f"  examples: {st['examples']:,} from {rows:,} rows, {st['tokens']:,} tokens "
+          f"({st['trained_fraction']:.1%} trained); refused: {refused:,}"
+          + (" (" + ", ".join(f"{k}: {v:,}" for k, v in st["refused"].items()) + ")" if refused else ""))
+    if st["truncated"]:
+        print(f"  truncated to max_length: {st['truncated']:,} examples")
+    if not st["split_rows"]:
+        print("  no row split per turn")
+    for line in note_lines(st):
+        print(f"  {line}")
+    for reason, examples in st["examples_refused"].items():
+        print(f"  first {reason}: {examples[0]}")
 
 
 def _describe(ds, fmt, drops, *, detected: bool, header):

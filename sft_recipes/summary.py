@@ -48,23 +48,26 @@ def print_data(console: Console, stats: dict):
 
 
 def data_notes(stats: dict) -> list[str]:
-    """What the table can't say: per-turn splits and their cost, reasoning, template habits, unused fields."""
+    """What the table can't say, per split: see `note_lines`."""
+    return [f"{split}: {line}" for split, st in stats.items() if st for line in note_lines(st)]
+
+
+def note_lines(st: dict) -> list[str]:
+    """Per-turn splits and their cost, reasoning, template habits, unused fields: of one split's stats, or of one
+    template's in the data checker."""
     lines = []
-    for split, st in stats.items():
-        if not st:
-            continue
-        if st["split_rows"]:
-            base = st["tokens"] - st["split_extra_tokens"]
-            lines.append(f"{split}: {st['split_rows']:,} rows trained as one example per turn ({st['split_examples']:,} "
-                         f"examples; the 'one example per turn' notes below say why): "
-                         f"+{st['split_extra_tokens']:,} tokens, {st['split_extra_tokens'] / max(base, 1):.1%} more")
-        if st["reasoning_trained"] or st["reasoning_unprinted"]:
-            lines.append(f"{split}: reasoning trained on {st['reasoning_trained']:,} turns"
-                         + (f"; {st['reasoning_unprinted']:,} turns have reasoning the template does not print "
-                            "(not trained; `strict: true` makes this an error)" if st["reasoning_unprinted"] else ""))
-        lines += [f"{split}: {n:,} examples: {note}" for note, n in st["notes"].items()]
-        if st["unused"]:
-            lines.append(f"{split}: fields not used: " + ", ".join(f"{k} ({v:,} rows)" for k, v in st["unused"].items()))
+    if st["split_rows"]:
+        base = st["tokens"] - st["split_extra_tokens"]
+        lines.append(f"{st['split_rows']:,} rows trained as one example per turn ({st['split_examples']:,} "
+                     f"examples; the 'one example per turn' notes below say why): "
+                     f"+{st['split_extra_tokens']:,} tokens, {st['split_extra_tokens'] / max(base, 1):.1%} more")
+    if st["reasoning_trained"] or st["reasoning_unprinted"]:
+        lines.append(f"reasoning trained on {st['reasoning_trained']:,} turns"
+                     + (f"; {st['reasoning_unprinted']:,} turns have reasoning the template does not print "
+                        "(not trained; `strict: true` makes this an error)" if st["reasoning_unprinted"] else ""))
+    lines += [f"{n:,} examples: {note}" for note, n in st["notes"].items()]
+    if st["unused"]:
+        lines.append("fields not used: " + ", ".join(f"{k} ({v:,} rows)" for k, v in st["unused"].items()))
     return lines
 
 

@@ -2,12 +2,13 @@
 import collections
 import os
 import json
+import re
 import time
 
 import pandas as pd
 import pytest
 
-from conftest import shared_file
+from conftest import ROOT, shared_file
 from sft_recipes.errors import RecipeError
 from sft_recipes.formats import ROLES
 from sft_recipes.sources import DatasetSpec, load_conversations, split_eval
@@ -275,3 +276,80 @@ def test_the_summary_names_the_dropped_rows(tmp_path):
     assert "train dropped (rows or examples): malformed: 2" in text
     for record, field in fields.items():
         assert f"  train malformed: {path}, record {record}, field '{field}': a tool result with no tool call" in text
+
+
+# ---------------------------------------------------------------- the checker's masks per template
+
+# Prints earlier assistant turns as a placeholder once later ones exist: every multi-turn row rewrites its history.
+REWRITES_HISTORY = """{%- for m in messages -%}
+{%- if m.role == 'assistant' and not loop.last -%}{{ 'assistant: (earlier answer)' + eos_token }}
+{%- else -%}{{ m.role + ': ' + m.content + eos_token }}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}
+"""
+
+
+def masked_directly(path, template, tokenizer="tiny:gpt2"):
+    """What masking.tokenize itself gives for the file: (split rows, split examples, notes of split examples,
+    refused by reason), counted from its columns, never through the stats the checker prints."""
+    from sft_recipes import load_recipe, load_tokenizer, masking, prepare
+
+    recipe = load_recipe(None, model_name_or_path=tokenizer, chat_template=template)
+    tok = load_tokenizer(recipe)
+    out = masking.tokenize(load(path)[0], tok, prepare.mask_options(recipe, tok))
+    split = [(row, notes) for row, s, drop, notes in zip(out["row"], out["split"], out["drop"], out["notes"])
+             if s and drop is None]
+    return (len({row for row, _ in split}), len(split), collections.Counter(n for _, ns in split for n in ns),
+            collections.Counter(d for d in out["drop"] if d))
+
+
+def checker_blocks(capsys, argv) -> list[str]:
+    from sft_recipes.sources import main
+
+    main(argv)
+    return re.split(r"(?m)^(?=masks with )", capsys.readouterr().out)[1:]
+
+
+def says_split(block, rows, examples, notes):
+    assert f"{rows:,} rows trained as one example per turn ({examples:,} examples;" in block, block
+    for note, n in notes.items():
+        assert note.startswith("one example per turn: ") and f"  {n:,} examples: {note}\n" in block, block
+
+
+def test_the_checker_counts_rows_split_per_turn_under_a_released_template(capsys):
+    """trl:qwen3 drops earlier turns' reasoning: the multi-turn rows of a reasoning file are split per turn."""
+    path, qwen3 = shared_file("reasoning/reasoning_content.jsonl"), str(shared_file("tokenizers/qwen3"))
+    rows, examples, notes, refused = masked_directly(path, "trl:qwen3", qwen3)
+    assert rows > 0 and notes and not refused  # the file holds multi-turn rows with reasoning
+    [block] = checker_blocks(capsys, [str(path), "--dedup", "none", "--chat-template", "trl:qwen3",
+                                      "--tokenizer", qwen3])
+    assert block.startswith(f"masks with trl:qwen3 (tokenizer {qwen3}, max_length 1024):\n")
+    assert "refused: 0\n" in block
+    says_split(block, rows, examples, notes)
+
+
+def test_two_templates_give_two_blocks_each_with_its_splits_and_refusals(tmp_path, capsys):
+    path = ROOT / "recipes" / "data" / "tiny_chats.jsonl"  # multi-turn, some with tool calls
+    template = tmp_path / "rewrites.jinja"
+    template.write_text(REWRITES_HISTORY)
+    chatml, ours = checker_blocks(capsys, [str(path), "--dedup", "none", "--chat-template", "chatml",
+                                           "--chat-template", str(template)])
+    assert chatml.startswith("masks with chatml (tokenizer tiny:gpt2,") and "  no row split per turn\n" in chatml
+    assert masked_directly(path, "chatml")[0] == 0
+    assert ours.startswith(f"masks with {template} (tokenizer tiny:gpt2,")
+    rows, examples, notes, refused = masked_directly(path, str(template))
+    assert rows > 0 and refused  # the template prints no tool calls: those turns are refused
+    says_split(ours, rows, examples, notes)
+    assert f"refused: {refused.total():,} (" + ", ".join(f"{k}: {v:,}" for k, v in refused.most_common()) in ours
+    assert all(f"  first {reason}: {path}, record " in ours for reason in refused)
+
+
+def test_a_bad_template_name_is_one_line_before_any_loading(capsys):
+    from sft_recipes.sources import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(ROOT / "recipes" / "data" / "tiny_chats.jsonl"), "--chat-template", "chatmll"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: chat_template: unknown template 'chatmll'. Did you mean "
+                                                   "'chatml'?"), err
