@@ -101,7 +101,7 @@ def end_of_turn(tokenizer, template_kwargs: dict | None = None) -> str | None:
 # ---------------------------------------------------------------- the Modelfile
 def write(gguf_path: Path, tokenizer, template_kwargs: dict | None = None) -> Path:
     """`Modelfile` beside `gguf_path`: FROM the file, TEMPLATE from the trained template, stops at the end of
-    turn and EOS."""
+    turn, every special token the template ends a turn with (gpt-oss's `<|call|>`), and EOS."""
     from .gguf_vocab import added_specials
 
     lines = [f"# Ollama: ollama create NAME -f {gguf_path.parent / 'Modelfile'}", f"FROM ./{gguf_path.name}"]
@@ -112,7 +112,8 @@ def write(gguf_path: Path, tokenizer, template_kwargs: dict | None = None) -> Pa
         lines.append(f'TEMPLATE """{go_template(shape)}"""')
     except ShapeError as e:
         lines.append(f"# no TEMPLATE: {e}; Ollama reads the chat template from the GGUF as it can")
-    for stop in dict.fromkeys(t for t in (end_of_turn(tokenizer, template_kwargs), tokenizer.eos_token) if t):
+    ends = templates.turn_stops(tokenizer.chat_template, tokenizer) if tokenizer.chat_template else []
+    for stop in dict.fromkeys(t for t in (end_of_turn(tokenizer, template_kwargs), *ends, tokenizer.eos_token) if t):
         lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
     path = gguf_path.parent / "Modelfile"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

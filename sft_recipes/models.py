@@ -191,12 +191,15 @@ def base_of(adapter_dir: Path, base: str | None = None) -> str:
 
 # ---------------------------------------------------------------- stopping
 def stop_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a response: the generation config's EOS list, plus the template's
-    declared end-of-turn token and the tokenizer's EOS (for models saved without that config)."""
+    """Token ids that end a response: the generation config's EOS list, plus the template's declared
+    end-of-turn token, the special tokens it prints after an answer, and the tokenizer's EOS (for models
+    saved without that config, or trained on a template the config does not know)."""
     configured = model.generation_config.eos_token_id
     ids = set(configured if isinstance(configured, list) else [configured])
-    end = templates.template_meta(tokenizer.chat_template or "", tokenizer)["end_of_turn"]
-    for token in (end, tokenizer.eos_token):
+    source = tokenizer.chat_template or ""
+    end = templates.template_meta(source, tokenizer)["end_of_turn"]
+    after = templates.turn_stops(source, tokenizer) if source else []
+    for token in (end, *after, tokenizer.eos_token):
         if token and token in tokenizer.get_vocab():
             ids.add(tokenizer.convert_tokens_to_ids(token))
     return sorted(i for i in ids if i is not None)

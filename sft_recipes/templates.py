@@ -333,6 +333,37 @@ def _after_previous(text: str, message: dict) -> int:
     return -1
 
 
+def turn_stops(source: str, tokenizer) -> list[str]:
+    """The special tokens the template prints right after an assistant answer, as the last turn and before
+    a user turn (Phi-3's `<|end|>`, gpt-oss's `<|return|>` and `<|end|>`, GLM's next `<|user|>`): what a
+    trained model writes to stop, whether or not its config or EOS names it."""
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    answer = "\u27e6answer\u27e7"
+    found = []
+    for tail in ([], [{"role": "user", "content": "\u27e6next\u27e7"}]):
+        messages = [{"role": "user", "content": "\u27e6question\u27e7"}, {"role": "assistant", "content": answer}, *tail]
+        try:
+            text = render(source, messages, None, **special_tokens(tokenizer))
+        except Exception:  # a template that refuses the probe (one that needs a system message): none known
+            continue
+        after = text[text.index(answer) + len(answer):].lstrip() if answer in text else ""
+        found += [t for t in specials if after.startswith(t)][:1]
+    call = {"type": "function", "function": {"name": "\u27e6tool\u27e7", "arguments": {}}}
+    calls = [messages[0], {"role": "assistant", "content": "", "tool_calls": [call]}]
+    try:  # a turn that calls a tool ends with its own token (gpt-oss's `<|call|>`), else at the result's (GLM's)
+        text = render(source, calls, None, **special_tokens(tokenizer)).rstrip()
+        ends = [t for t in specials if text.endswith(t)][:1]
+        if not ends:
+            after = render(source, [*calls, {"role": "tool", "content": "\u27e6result\u27e7"}], None,
+                           **special_tokens(tokenizer))
+            rest = after[len(text):].lstrip() if after.startswith(text) else ""
+            ends = [t for t in specials if rest.startswith(t)][:1]
+        found += ends
+    except Exception:  # templates without tool calls
+        pass
+    return list(dict.fromkeys(found))
+
+
 def continuation(source: str, messages: list[dict], tools, i: int, **kwargs) -> str:
     """What the template prints right after assistant turn i: from the next message when there is one,
     else from a stand-in reply (a tool result after calls, a user turn otherwise). Templates without an

@@ -346,3 +346,22 @@ def test_inline_reasoning_stays_in_the_reasoning_field_for_templates_that_print_
     assert not any(out["drop"]) and not any("as written" in n for notes in out["notes"] for n in notes)
     assert sum(out["reasoning_trained"]) == inline_turns(conversations(INLINE))
     assert all("<think>" not in decode(tok, row["input_ids"]) for row in out)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_generation_stops_at_every_token_a_trained_turn_ends_with(name):
+    """What a mask trains as a turn's last token is what generation stops at, on a model whose config names
+    only EOS (Phi-3.5 ends turns with `<|end|>`, gpt-oss calls with `<|call|>`, GLM at the next role token)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from sft_recipes import models
+    tok = tokenizer(name)
+    base = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=tok.eos_token_id))
+    stops = set(models.stop_ids(base, tok))
+    ends = Counter()
+    for path in ("reasoning/tool_calls_reasoning.jsonl", "instruction-data.json"):
+        out, _ = masked(name, path)
+        ends.update(row["input_ids"][b - 1] for row in out if row["drop"] is None for _, b in runs(row["labels"]))
+    assert ends and set(ends) <= stops, {tok.convert_ids_to_tokens(i): n for i, n in ends.items() if i not in stops}
