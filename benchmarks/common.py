@@ -1,5 +1,5 @@
 """What every section shares: where the data is, interleaved repetitions, figures, and subprocess workers
-whose peak RSS the parent samples with psutil."""
+whose peak RSS (and anonymous memory) the parent samples with psutil."""
 from __future__ import annotations
 
 import multiprocessing
@@ -74,7 +74,9 @@ def env(**values):
 # ---------------------------------------------------------------- subprocess workers
 class Worker:
     """A spawned process that builds an object with `factory(*args)` once, then answers `call(*args)`
-    with `obj(*args)`. The parent samples the child's RSS with psutil while it waits: `peak_rss`."""
+    with `obj(*args)`. The parent samples the child's memory with psutil while it waits: `peak_rss`, and
+    `peak_anon` and `peak_file`, RSS split into memory the process holds itself and resident file-backed pages
+    (see `rss_split`)."""
 
     def __init__(self, factory, *args):
         ctx = multiprocessing.get_context("spawn")
@@ -82,7 +84,7 @@ class Worker:
         self._proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
         self._proc.start()
         self._ps = psutil.Process(self._proc.pid)
-        self.peak_rss = 0
+        self.peak_rss = self.peak_anon = self.peak_file = 0
 
     def ready(self):
         return self._reply()
@@ -111,9 +113,20 @@ class Worker:
 
     def _sample(self):
         try:
-            self.peak_rss = max(self.peak_rss, self._ps.memory_info().rss)
+            rss, anon, file = rss_split(self._ps)
         except psutil.Error:
-            pass
+            return
+        self.peak_rss, self.peak_anon, self.peak_file = (max(self.peak_rss, rss), max(self.peak_anon, anon),
+                                                         max(self.peak_file, file))
+
+
+def rss_split(ps: psutil.Process) -> tuple[int, int, int]:
+    """(rss, anon, file) in bytes. On Linux `shared` is the resident file-backed (and shmem) pages, such as the
+    touched pages of memory-mapped Arrow files: page cache the kernel can reclaim, not memory the process holds;
+    anon = rss - shared. Where psutil has no `shared`, anon is all of RSS."""
+    info = ps.memory_info()
+    file = getattr(info, "shared", 0)
+    return info.rss, info.rss - file, file
 
 
 def _serve(conn, factory, args):

@@ -281,12 +281,15 @@ def _judge(sig: pa.Table, opts: CleanOptions) -> pa.Table:
             verdict[beyond(values, limit) & (verdict == 0)] = REASONS.index(reason) + 1
     verdict[(overlap >= 0) & (verdict == 0)] = _OVERLAP
     head[verdict == _OVERLAP] = overlap[verdict == _OVERLAP]
-    if opts.dedup != "none":
-        keys, first = sig.column("key").to_pylist(), {}
-        for i in np.flatnonzero(verdict == 0):
-            j = first.setdefault(keys[i], i)
-            if j != i:
-                verdict[i], head[i] = _DUP, j
+    if opts.dedup != "none":  # keys numbered by Arrow (one dictionary for all chunks), no Python str per row
+        keys = np.concatenate([np.zeros(0, np.int32), *(c.indices.to_numpy() for c in
+                                                         sig.column("key").dictionary_encode().chunks)])
+        rows = np.flatnonzero(verdict == 0)
+        _, first = np.unique(keys[rows], return_index=True)  # each key's first row still in
+        kept = np.full(len(keys) and keys.max() + 1, -1)
+        kept[keys[rows[first]]] = rows[first]
+        dup = rows[kept[keys[rows]] != rows]
+        verdict[dup], head[dup] = _DUP, kept[keys[dup]]
     if opts.dedup == "near":
         _near(sig, opts.dedup_threshold, verdict, head, score)
     return pa.table({"verdict": verdict, "head": head, "score": score})
@@ -298,12 +301,12 @@ def _near(sig: pa.Table, threshold: float, verdict, head, score):
     the threshold, weighing misses most (at 0.9: 16 bands of 8, which finds a pair at 0.9 with p > 0.9999, at
     0.8 with 0.95); the exact Jaccard of the shingles, not the noisier MinHash estimate, then confirms a
     candidate. Edit keys are numbered once (np.unique); each number remembers its first kept row."""
-    hv, shingles = _rows_of(sig, "minhash"), _rows_of(sig, "shingles")
+    hv, shingles = _Rows(sig.column("minhash")), _Rows(sig.column("shingles"))
     edits = sig.column("edits").combine_chunks()
     bounds = edits.offsets.to_numpy() - edits.offsets[0].as_py()
     _, key_ids = np.unique(edits.flatten().to_numpy(), return_inverse=True)
     owner = np.full(int(key_ids.max()) + 1 if len(key_ids) else 0, -1)  # key number -> first kept row with it
-    lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=NUM_PERM, weights=(0.05, 0.95))
+    lsh = _Bands(hv, max(threshold - 0.1, 0.05))
     for i in np.flatnonzero(verdict == 0):
         if len(hv[i]) == 0:  # a row without words has nothing to compare
             continue
@@ -313,23 +316,76 @@ def _near(sig: pa.Table, threshold: float, verdict, head, score):
             verdict[i], head[i] = _NEAR, near.min()
             score[i] = _jaccard(shingles[i], shingles[head[i]])
             continue
-        m = MinHash(hashvalues=hv[i], permutations=_MINHASH.permutations, scheme=_MINHASH.scheme)
-        found = np.fromiter(lsh.query(m), dtype=np.int64)
+        found = lsh.query(i)
         if len(found):  # estimates 0.2 below the threshold are far too far to check
             found = found[(np.stack([hv[j] for j in found]) == hv[i]).mean(axis=1) >= threshold - 0.2]
         sims = [_jaccard(shingles[i], shingles[j]) for j in found]
         if sims and max(sims) >= threshold:
             verdict[i], head[i], score[i] = _NEAR, found[int(np.argmax(sims))], max(sims)
         else:
-            lsh.insert(int(i), m, check_duplication=False)
+            lsh.insert(i)
             owner[keys[owner[keys] < 0]] = i
 
 
-def _rows_of(sig: pa.Table, name: str) -> list[np.ndarray]:
-    """A list column as one numpy view per row."""
-    column = sig.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()
-    return np.split(column.flatten().to_numpy(), offsets[1:-1] - offsets[0])
+class _Rows:
+    """A list column's rows as numpy views into its (memory-mapped) chunks, made on demand: neither a copy of
+    the column (combine_chunks) nor a Python object per row is held."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.chunks = [(c.offsets.to_numpy() - c.offsets[0].as_py(), c.flatten().to_numpy()) for c in column.chunks]
+        self.starts = np.cumsum([0, *(len(c) for c in column.chunks)])
+
+    def __getitem__(self, i) -> np.ndarray:
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1  # the last chunk starting at or before i
+        offsets, values = self.chunks[c]
+        i -= self.starts[c]
+        return values[offsets[i]:offsets[i + 1]]
+
+
+class _Bands:
+    """MinHash LSH over the rows' MinHash values, as datasketch's MinHashLSH bands them (its b bands of r values
+    for `threshold`), but held as numpy: a row is a candidate of another iff a band of theirs is equal. Only the
+    bands two or more rows share are indexed (a dict of lists of the inserted rows), so what is kept per row is
+    the few bytes of those, not datasketch's dicts and sets of every band of every inserted row (about 6 kB)."""
+
+    def __init__(self, hv: _Rows, threshold: float):
+        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=(0.05, 0.95))
+        rows, groups, base = [], [], 0
+        for band in range(lsh.b):
+            values, at = self._band(hv, band * lsh.r, (band + 1) * lsh.r)
+            _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+            shared = counts[group] > 1
+            rows.append(at[shared])
+            groups.append(group[shared] + base)
+            base += len(counts)
+        rows, groups = np.concatenate([np.zeros(0, np.int64), *rows]), np.concatenate([np.zeros(0, np.int64), *groups])
+        order = np.argsort(rows, kind="stable")
+        self.rows, self.groups = rows[order], groups[order]  # (row, band group) pairs by row
+        self.inserted: dict[int, list[int]] = {}  # band group -> the inserted rows in it
+
+    @staticmethod
+    def _band(hv: _Rows, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Values lo:hi of every row with MinHash values, each as one opaque (exactly compared) item, and the rows."""
+        values, at = [], []
+        for start, (offsets, flat) in zip(hv.starts, hv.chunks):
+            lengths = np.diff(offsets)
+            at.append(start + np.flatnonzero(lengths))  # rows without words have none; the rest NUM_PERM
+            block = flat.reshape(-1, NUM_PERM)[:, lo:hi]
+            values.append(np.ascontiguousarray(block).view(f"V{block.itemsize * (hi - lo)}").ravel())
+        return np.concatenate(values), np.concatenate(at).astype(np.int64)
+
+    def _groups(self, i: int) -> np.ndarray:
+        lo, hi = np.searchsorted(self.rows, [i, i + 1])
+        return self.groups[lo:hi]
+
+    def query(self, i: int) -> np.ndarray:
+        """The inserted rows sharing a band with row i, ascending."""
+        found = [j for g in self._groups(i) for j in self.inserted.get(int(g), ())]
+        return np.unique(np.array(found, dtype=np.int64))
+
+    def insert(self, i: int):
+        for g in self._groups(i):
+            self.inserted.setdefault(int(g), []).append(int(i))
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:

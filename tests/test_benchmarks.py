@@ -77,9 +77,27 @@ def test_scale_section_measures_a_tiny_mixture(tmp_path):
     assert any(t["from"] == "function_call" for r in lines[1] for t in r["conversations"])
     assert any(m.get("reasoning_content") for r in lines[2] for m in r["messages"])
     results = scale.measure([(30, 1), (60, 1), (60, 2)], tmp_path)
-    for (rows, _), r in results.items():
+    for (rows, n), r in results.items():
         assert r["rows"] == rows and r["examples"] - r["refused"] > rows / 2 and r["peak_rss_mib"] > 50
         assert r["cache_mib"] > 0 and r["total_s"] >= r["mask_s"] > 0
+        assert 0 < r["peak_anon_mib"] < r["peak_rss_mib"] and r["peak_file_mib"] > 0  # file pages split off
+        for stage in ("start", "load", "clean", "mask"):
+            assert 0 < r[f"anon_after_{stage}_mib"] <= r[f"rss_now_after_{stage}_mib"]
+            assert r[f"arrow_after_{stage}_mib"] >= 0
+        assert ("exact_clean" in r) == (n == 1)
+    exact = results[30, 1]["exact_clean"]  # load and clean only, dedup exact: no near duplicates counted
+    assert exact["rows"] == 30 and "mask_s" not in exact and "near_duplicate" not in exact["cleaned"]
+    assert exact["anon_after_clean_mib"] > 0 and exact["peak_anon_mib"] > 0
     assert results[60, 2]["worker_peak_rss_mib"] > 0  # the num_proc workers ran
-    names = [f["name"] for f in scale.figures(results)]
-    assert names[0] == "load + clean + mask, 60 vs 30 rows: time" and len(names) == 5
+    by_name = {f["name"]: f for f in scale.figures(results)}
+    assert list(by_name)[0] == "load + clean + mask, 60 vs 30 rows: time" and len(by_name) == 7
+    held = by_name["60 vs 30 rows: peak memory held by the process (anonymous: excludes Arrow's memory-mapped "
+                   "file pages)"]
+    assert held["goal"] == "<= 1.5x" and {"clean_bytes_per_row", "arrow_clean_bytes_per_row"} <= set(held["detail"])
+    assert by_name["60 vs 30 rows: peak RSS, file pages included (no goal)"]["goal"] is None
+    clean = by_name["clean, 30 -> 60 rows: memory held per added row, near dedup"]["detail"]
+    assert all(isinstance(clean[k], int) for k in ("exact_dedup_bytes_per_row", "near_minus_exact_bytes_per_row"))
+    assert "60 rows: num_proc 2 vs 1, speed" in by_name
+    # the full run measures num_proc 2 at the small size only; the speedup is read there
+    small = {k: v for k, v in results.items() if k != (60, 2)} | {(30, 2): results[60, 2]}
+    assert "30 rows: num_proc 2 vs 1, speed" in {f["name"] for f in scale.figures(small)}
