@@ -10,7 +10,7 @@ not UTF-8), or when `datasets` had to store a mixed-type field as Json, which do
 intact.
 
 Check files before training: `python -m sft_recipes.sources PATH [PATH ...] [--format F] [--strict]
-[--dedup none|exact|near] [--chat-template NAME ...] [--tokenizer PATH_OR_ID]`.
+[--dedup none|exact|near] [--chat-template NAME ...] [--tokenizer PATH_OR_ID] [--max-length N]`.
 """
 from __future__ import annotations
 
@@ -463,7 +463,7 @@ def main(argv=None):
                                  description="Check data files before training: the format found, rows kept and "
                                              "dropped (and why), the roles seen, what cleaning would remove, "
                                              "the first conversation and, with --chat-template, the masks under "
-                                             "each template.", epilog=docs("data", "cleaning"))
+                                             "each template.", epilog=docs("data", "cleaning", "masks"))
     ap.add_argument("paths", nargs="+", metavar="path", help="file, folder, glob or Hub id")
     add_file_options(ap)
     ap.add_argument("--num-proc", type=int, default=None)
@@ -477,10 +477,12 @@ def main(argv=None):
                          "TRL's released templates, a .jinja path, or tokenizer")
     ap.add_argument("--tokenizer", default=TINY_MODEL_ID, metavar="PATH_OR_ID",
                     help=f"the tokenizer for --chat-template (default: {TINY_MODEL_ID}, the embedded tiny one)")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="max_length for --chat-template, as the recipe key (default: the recipe default)")
     args = ap.parse_args(argv)
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # we explain load failures ourselves
     options = cleaning.CleanOptions(dedup=args.dedup, dedup_threshold=args.dedup_threshold)
-    maskers = [_masker(spec, args.tokenizer) for spec in args.chat_template]  # a bad name stops before any loading
+    maskers = [_masker(spec, args.tokenizer, args.max_length) for spec in args.chat_template]  # a bad name stops before any loading
 
     found = []  # every file read and cleaned before the report starts: their progress bars come first, not inside
     for path in args.paths:
@@ -504,13 +506,14 @@ def main(argv=None):
         _describe_masks(recipe, len(kept), st)
 
 
-def _masker(spec: str, tokenizer_name: str):
+def _masker(spec: str, tokenizer_name: str, max_length: int | None):
     """(recipe, tokenizer) as training would build them for `chat_template: spec`, the other keys at their
     defaults; each template gets its own tokenizer, since loading adds the special tokens it declares."""
     from .config import load_recipe
     from .models import load_tokenizer
 
-    recipe = load_recipe(model_name_or_path=tokenizer_name, chat_template=spec)
+    keys = {"max_length": max_length} if max_length else {}
+    recipe = load_recipe(model_name_or_path=tokenizer_name, chat_template=spec, **keys)
     return recipe, load_tokenizer(recipe)
 
 
