@@ -21,7 +21,10 @@ and count, never dropped silently.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from pathlib import Path
 
 from datasets import Dataset, Features, List, Value
 
@@ -124,12 +127,42 @@ def convert(ds: Dataset | list, fmt: str, *, source, columns: dict | None = None
         batch = {c: [r.get(c) for r in ds] for c in column_names}
         return Dataset.from_dict(_convert_batch(batch, range(len(ds)), **kwargs),
                                  features=CANONICAL_FEATURES)
+    if not isinstance(ds, Dataset):
+        return _convert_records(ds, column_names, kwargs)
     return ds.map(_convert_batch, batched=True, with_indices=True, num_proc=num_proc,
                   remove_columns=column_names, features=CANONICAL_FEATURES,
                   desc=f"Converting {fmt}", fn_kwargs=kwargs)
 
 
-def _column_names(ds: Dataset | list) -> list[str]:
+def _convert_records(records, column_names, kwargs, chunk=10_000) -> Dataset:
+    """Records read one at a time (`sources.Records`) converted a chunk at a time into an Arrow file in the
+    datasets cache, then memory-mapped like any loaded file; the same file and options reuse it."""
+    from datasets import config
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.fingerprint import Hasher
+    from datasets.utils.tqdm import tqdm
+
+    key = Hasher.hash([records.fingerprint, column_names, kwargs, Path(__file__).read_text()])
+    path = Path(config.HF_DATASETS_CACHE) / "sft_recipes" / f"records-{key}.arrow"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}.part")  # renamed when complete: a crash leaves no half file
+        records_left = iter(records)
+        with ArrowWriter(features=CANONICAL_FEATURES, path=str(part)) as writer, \
+                tqdm(total=len(records), unit=" rows", desc=f"Converting {kwargs['fmt']}") as bar:
+            for start in itertools.count(0, chunk):
+                rows = list(itertools.islice(records_left, chunk))
+                if not rows:
+                    break
+                batch = {c: [r.get(c) for r in rows] for c in column_names}
+                writer.write_batch(_convert_batch(batch, range(start, start + len(rows)), **kwargs))
+                bar.update(len(rows))
+            writer.finalize()
+        os.replace(part, path)
+    return Dataset.from_file(str(path))
+
+
+def _column_names(ds) -> list[str]:
     if isinstance(ds, list):
         return list(dict.fromkeys(k for record in ds for k in record))
     return ds.column_names

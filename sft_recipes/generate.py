@@ -18,7 +18,7 @@ import logging
 import sys
 
 import torch
-from datasets import Value
+from datasets import Dataset, Value
 from tqdm.auto import tqdm
 from transformers import set_seed
 
@@ -181,7 +181,7 @@ def read_file(path: str, format: str | None = None, columns: dict | None = None,
     if not files:
         raise RecipeError(f"{path}: file not found")
     raw = sources._load_local(files, spec)
-    if isinstance(raw, list):  # valid JSON whose columns Arrow cannot type
+    if not isinstance(raw, Dataset):  # valid JSON whose columns Arrow cannot type
         raise RecipeError(f"{path}: could not load its fields as columns; check with `sft-recipes data {path}`")
     if len(raw) == 0:
         raise RecipeError(f"{path}: no records")

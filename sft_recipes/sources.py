@@ -191,9 +191,7 @@ def _prepare(spec: DatasetSpec, *, num_proc, strict, label=None):
         raw = _load(spec, files)
         fmt = spec.format
         if fmt == "auto":
-            names = (list(dict.fromkeys(k for r in raw for k in r)) if isinstance(raw, list)
-                     else raw.column_names)
-            fmt = detect_format(names, spec.path, columns=spec.columns)
+            fmt = detect_format(raw.column_names, spec.path, columns=spec.columns)
         rows = convert(raw, fmt, source=spec.path, columns=spec.columns, roles=spec.roles,
                        num_proc=num_proc)
     except UnicodeDecodeError as e:  # Arrow keeps bad bytes; they surface when first read
@@ -307,18 +305,18 @@ def _looks_like_path(path: str) -> bool:
     return hub.looks_like_path(path) or Path(path).suffix.lower() in _PATH_SUFFIXES
 
 
-def _load(spec, files) -> Dataset | list[dict]:
+def _load(spec, files) -> Dataset | Records:
     raw = _load_local(files, spec) if files else _load_hub(spec)
     if files and spec.split == "train" and isinstance(raw, Dataset) and _uses_json_type(raw.features):
         # datasets stores mixed-type fields as Json, which turns strings that look like JSON
         # ("42", '{"temp": 20}') into numbers and objects: read such files ourselves.
-        raw = [record for file in files for record in _read_json_records(file)]
+        raw = Records(files)
     if len(raw) == 0:
         raise data_error(spec.path, "no records", hint="The file or split is empty")
     return raw
 
 
-def _load_local(files, spec) -> Dataset | list[dict]:
+def _load_local(files, spec) -> Dataset | Records:
     builder = _BUILDERS[Path(files[0]).suffix.lower()]
     options = _csv_options(files[0]) if builder == "csv" else {}
     try:
@@ -327,7 +325,7 @@ def _load_local(files, spec) -> Dataset | list[dict]:
         for file in files:  # explained at its line when it is not JSON or not UTF-8
             _read_json_records(file) if builder == "json" else _check_utf8(file)
         if builder == "json" and spec.split == "train":  # valid JSON that Arrow can't type: judge row by row
-            return [record for file in files for record in _read_json_records(file)]
+            return Records(files)
         cause = e.__cause__ or e
         raise data_error(spec.path, f"could not load: {cause}") from None
 
@@ -374,13 +372,39 @@ def _check_utf8(file) -> str:
                          hint="Re-save the file as UTF-8") from None
 
 
+class Records:
+    """The records of JSON files that `datasets` cannot type (mixed-type fields), read one at a time: a first
+    pass checks every record (an error names its line) and collects the field names; `formats.convert` reads
+    them again in chunks into an Arrow file, so no file is ever held in memory as Python objects."""
+
+    def __init__(self, files):
+        self.files, names, self.n = list(files), {}, 0
+        for record in self:
+            self.n += 1
+            names.update(dict.fromkeys(record))
+        self.column_names = list(names)
+        self.fingerprint = Hasher.hash([(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files])
+
+    def __iter__(self):
+        for file in self.files:
+            yield from _iter_json_records(file)
+
+    def __len__(self):
+        return self.n
+
+
 def _read_json_records(file) -> list[dict]:
-    """Parse a JSON array or JSON Lines file; any problem is a RecipeError at its exact line."""
+    return list(_iter_json_records(file))
+
+
+def _iter_json_records(file):
+    """A JSON array's or JSON Lines file's records; any problem is a RecipeError at its exact line."""
+    with open(file, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head[:1] != b"[":
+        yield from _iter_json_lines(file)
+        return
     text = _check_utf8(file).removeprefix("\ufeff")
-    if not text.strip():
-        raise data_error(file, "the file is empty", hint="It has no records")
-    if not text.lstrip().startswith("["):
-        return _read_json_lines(file, text)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -392,29 +416,39 @@ def _read_json_records(file) -> list[dict]:
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise data_error(file, f"expected a JSON object, got {type(record).__name__}", record=i)
-    return records
+    yield from records
 
 
-def _read_json_lines(file, text) -> list[dict]:
-    records = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: \u2028 is valid JSON
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == 1 and _is_single_object(text):
-                raise data_error(file, "one JSON object, not a list of records",
-                                 hint="Use a JSON array of records or JSON Lines "
-                                      "(one object per line)") from None
-            problem, _, hint = _json_problem(line, e)
-            raise data_error(file, problem, record=len(records), line=lineno,
-                             hint=hint or "Each line must be one complete JSON object") from None
-        if not isinstance(record, dict):
-            raise data_error(file, f"expected a JSON object, got {type(record).__name__}",
-                             record=len(records), line=lineno)
-        records.append(record)
-    return records
+def _iter_json_lines(file):
+    """JSON Lines read a line at a time (split at \\n only: \\u2028 is valid JSON)."""
+    n, offset = 0, 0
+    with open(file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise data_error(file, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {offset + e.start}",
+                                 line=lineno, hint="Re-save the file as UTF-8") from None
+            offset += len(raw)
+            line = line.removeprefix("\ufeff") if lineno == 1 else line
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == 0 and _is_single_object(_check_utf8(file)):
+                    raise data_error(file, "one JSON object, not a list of records",
+                                     hint="Use a JSON array of records or JSON Lines "
+                                          "(one object per line)") from None
+                problem, _, hint = _json_problem(line, e)
+                raise data_error(file, problem, record=n, line=lineno,
+                                 hint=hint or "Each line must be one complete JSON object") from None
+            if not isinstance(record, dict):
+                raise data_error(file, f"expected a JSON object, got {type(record).__name__}", record=n, line=lineno)
+            n += 1
+            yield record
+    if n == 0:
+        raise data_error(file, "the file is empty", hint="It has no records")
 
 
 def _json_problem(text: str, e: json.JSONDecodeError) -> tuple[str, int, str | None]:

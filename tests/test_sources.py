@@ -1,9 +1,11 @@
 """Loading from files, folders, globs and the Hub; mixing by weight; the datasets cache."""
 import collections
+import functools
 import os
 import json
 import re
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -102,6 +104,33 @@ def test_mixed_types_keep_strings_that_look_like_json(tmp_path):
     ds, _ = load(write_jsonl(tmp_path / "mixed.jsonl", records))
     contents = sorted(m["content"] for conv in ds["messages"] for m in conv)
     assert contents == sorted(["6*7?", "42", "Weather?", "", '{"temp": 20}', '"Warm"'])
+
+
+def test_mixed_type_file_is_converted_in_chunks_into_a_memory_mapped_file(tmp_path, monkeypatch):
+    """Records `datasets` cannot type are read a line at a time and written to an Arrow file in the datasets
+    cache, a chunk at a time: nothing per row stays in memory, and the same file loads from that file again."""
+    from sft_recipes import formats, sources
+    monkeypatch.setattr(formats, "_convert_records", functools.partial(formats._convert_records, chunk=7))
+    records = [{"messages": [{"role": "user", "content": [{"type": "text", "text": f"q{i}"}] if i % 2 else f"q{i}"},
+                             {"role": "assistant", "content": f"a{i}"}]} for i in range(30)]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    first, fmt, _ = sources._prepare(DatasetSpec(str(path)), num_proc=None, strict=False)
+    assert isinstance(sources._load(DatasetSpec(str(path)), [str(path)]), sources.Records)
+    assert [m["content"] for conv in first["messages"] for m in conv] == [t for i in range(30) for t in (f"q{i}", f"a{i}")]
+    assert first["record"] == list(range(30))
+    arrow = [f["filename"] for f in first.cache_files if "records-" in f["filename"]]
+    assert len(arrow) == 1 and not list(Path(arrow[0]).parent.glob("*.part"))  # renamed once complete
+    again, _, _ = sources._prepare(DatasetSpec(str(path)), num_proc=None, strict=False)
+    assert [f["filename"] for f in again.cache_files if "records-" in f["filename"]] == arrow
+
+
+def test_mixed_type_file_with_a_bad_byte_names_its_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": "ok"}]})
+             for c in ("text", [{"type": "text", "text": "parts"}])]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"messages": "\xff"}\n')
+    with pytest.raises(RecipeError, match=r"line 3.*not valid UTF-8: byte 0xff|not valid UTF-8: byte 0xff.*line 3"):
+        load(path)
 
 
 def test_missing_local_file(tmp_path):
