@@ -212,7 +212,8 @@ def _scenarios(tmp, model, adapter):
         "inspect": [[TINY, "-n", "1", "--export", str(tmp / "rows_out.jsonl"), "--max_steps", "3"]],
         "sources": [[str(alpaca), "--format", "alpaca", "--columns", "{instruction: q, output: a}", "--num-proc", "1",
                      "--strict"],
-                    [str(chats), "--roles", "{bot: assistant}", "--dedup", "near", "--dedup-threshold", "0.8"]],
+                    [str(chats), "--roles", "{bot: assistant}", "--dedup", "near", "--dedup-threshold", "0.8",
+                     "--chat-template", "chatml", "--tokenizer", "tiny:gpt2", "--max-length", "256"]],
         "report": [[model, "--output", str(tmp / "loss.png")]],
         "tiny": [["--write-data"]],
     }
