@@ -360,8 +360,6 @@ def test_generation_stops_at_every_token_a_trained_turn_ends_with(name):
     tok = tokenizer(name)
     base = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=tok.eos_token_id))
     stops = set(models.stop_ids(base, tok))
-    ends = Counter()
-    for path in ("reasoning/tool_calls_reasoning.jsonl", "instruction-data.json"):
-        out, _ = masked(name, path)
-        ends.update(row["input_ids"][b - 1] for row in out if row["drop"] is None for _, b in runs(row["labels"]))
+    out, _ = masked(name, "reasoning/tool_calls_reasoning.jsonl")  # final answers, calls, turns before a user's
+    ends = Counter(row["input_ids"][b - 1] for row in out if row["drop"] is None for _, b in runs(row["labels"]))
     assert ends and set(ends) <= stops, {tok.convert_ids_to_tokens(i): n for i, n in ends.items() if i not in stops}
