@@ -383,7 +383,8 @@ class Records:
             self.n += 1
             names.update(dict.fromkeys(record))
         self.column_names = list(names)
-        self.fingerprint = Hasher.hash([(str(f), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files])
+        stats = [(str(f), Path(f).stat()) for f in self.files]
+        self.fingerprint = Hasher.hash([(f, st.st_size, st.st_mtime_ns) for f, st in stats])
 
     def __iter__(self):
         for file in self.files:
